@@ -1,0 +1,1 @@
+"""Weak labelling: labelling functions, LF analysis, label model, pseudo-labelled export."""

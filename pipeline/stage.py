@@ -1,0 +1,184 @@
+"""The stage contract: work split by shard, one Ray task per shard, resumable.
+
+``run_shards`` is the generic engine (submit with backpressure, retries,
+progress bar, per-shard completion callback). ``run_sidecar_stage`` applies it
+to the common case "read a dataset shard, write ``<root>/<stage>/part-N``".
+
+A shard task is a plain top-level function ``fn(shard: int, **kwargs) -> stats``
+returning ``{"counts": {...}, ...}``. It must write its outputs atomically and
+deterministically; the driver records completion in the manifest afterwards,
+so a run killed at any point re-runs at most the shards in flight.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from webcurate.shards import manifest as manifest_mod
+from webcurate.shards.dataset import Dataset
+
+from .progress import print_summary, progress_bar
+from .ray_runtime import init_ray
+
+# Exceptions worth retrying: transient I/O. Anything else fails the shard at once.
+RETRYABLE = (OSError, ConnectionError, TimeoutError)
+
+
+class StageError(RuntimeError):
+    """Some shards failed after retries; finished shards are kept."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return manifest_mod.sum_counts(self.done)
+
+
+def run_shards(
+    fn: Callable[..., dict[str, Any]],
+    shards: list[int],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    done: set[int] | None = None,
+    on_done: Callable[[int, dict[str, Any]], None] | None = None,
+    desc: str = "shards",
+    workers: int | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    max_retries: int = 3,
+    count_key: str | None = "total",
+) -> StageResult:
+    """Run ``fn(shard, **kwargs)`` as a Ray task for each shard not in ``done``.
+
+    At most ``workers`` tasks are in flight (default: as many as the cluster's
+    CPUs allow at ``num_cpus`` each). ``on_done`` runs in the driver as each
+    shard finishes, in completion order. Failures after retries are collected,
+    not raised, so every finished shard is recorded; see ``StageResult.failed``.
+    """
+    import ray
+
+    init_ray()
+    kwargs = kwargs or {}
+    done = done or set()
+    todo = [s for s in shards if s not in done]
+    result = StageResult(stage=desc, skipped=[s for s in shards if s in done])
+    if workers is None:
+        from .ray_runtime import cluster_cpus
+
+        workers = max(1, int(cluster_cpus() // max(num_cpus, 1e-3)))
+    remote = ray.remote(_call_with_shared_kwargs(fn)).options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_retries=max_retries,
+        retry_exceptions=list(RETRYABLE),
+        name=f"webcurate:{desc}",
+    )
+    kw_ref = ray.put(kwargs)  # shipped once, not per task
+    t0 = time.time()
+    pending: dict[Any, int] = {}
+    queue = list(todo)
+    bar = progress_bar(total=len(shards), initial=len(result.skipped), desc=desc, unit="shard")
+    items = 0
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                s = queue.pop(0)
+                pending[remote.remote(s, kw_ref)] = s
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                s = pending.pop(ref)
+                try:
+                    stats = ray.get(ref)
+                except Exception as e:  # the task's own error, after retries
+                    result.failed[s] = _short_error(e)
+                    bar.update(1)
+                    continue
+                result.done[s] = stats
+                if on_done is not None:
+                    on_done(s, stats)
+                if count_key:
+                    items += int((stats.get("counts") or {}).get(count_key, 0))
+                    el = max(time.time() - t0, 1e-6)
+                    bar.set_postfix_str(f"{items} items, {items / el:.1f}/s")
+                bar.update(1)
+    finally:
+        bar.close()
+    result.seconds = time.time() - t0
+    return result
+
+
+def _short_error(e: BaseException) -> str:
+    # RayTaskError wraps the original; its cause says what actually broke.
+    cause = getattr(e, "cause", None) or e
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"[:500]
+
+
+def _call_with_shared_kwargs(fn: Callable[..., dict[str, Any]]):
+    """Adapter so tasks receive ``(shard, kwargs_ref)`` and call ``fn(shard, **kwargs)``."""
+
+    def call(shard: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return fn(shard, **kwargs)
+
+    call.__name__ = getattr(fn, "__name__", "shard_task")
+    call.__qualname__ = call.__name__
+    return call
+
+
+def run_sidecar_stage(
+    dataset: Dataset,
+    stage: str,
+    fn: Callable[..., dict[str, Any]],
+    parameters: dict[str, Any],
+    *,
+    kwargs: dict[str, Any] | None = None,
+    workers: int | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    count_key: str | None = "total",
+    summary: bool = True,
+    **stage_info: Any,
+) -> StageResult:
+    """Run a per-shard sidecar stage over the dataset's completed shards.
+
+    Records ``stage`` with ``parameters`` in the manifest (a change of
+    parameters restarts completion), skips parts already complete, records
+    each finished part, and raises ``StageError`` at the end if any shard
+    failed (after the finished ones are safely recorded).
+    """
+    manifest_mod.record_stage(dataset.root, stage, parameters, **stage_info)
+    dataset.reload()
+    shards = dataset.completed_shards()
+    done = set(dataset.sidecar_completed(stage))
+
+    def on_done(shard: int, stats: dict[str, Any]) -> None:
+        manifest_mod.record_shard(dataset.root, shard, stats, stage=stage)
+
+    result = run_shards(
+        fn, shards,
+        kwargs={"root": dataset.root, **(kwargs or {})},
+        done=done, on_done=on_done, desc=stage,
+        workers=workers, num_cpus=num_cpus, num_gpus=num_gpus, count_key=count_key,
+    )
+    manifest_mod.record_stage(dataset.root, stage, parameters, finished=manifest_mod.now_iso())
+    dataset.reload()
+    if summary:
+        print_summary(result, title=f"{stage}: {dataset.root}")
+    raise_if_failed(result)
+    return result
+
+
+def raise_if_failed(result: StageResult) -> None:
+    if result.failed:
+        lines = "\n".join(f"  shard {s:05d}: {err}" for s, err in sorted(result.failed.items()))
+        raise StageError(
+            f"{len(result.failed)} shard(s) of stage `{result.stage}` failed; the "
+            f"{len(result.done) + len(result.skipped)} finished ones are kept and a re-run resumes:\n{lines}"
+        )

@@ -1,0 +1,251 @@
+"""One storage interface for local paths and ``s3://bucket/prefix`` URIs.
+
+Reads and listings go through ``pyarrow.fs`` (one S3 client for parquet and
+bytes alike). Whole-object writes are atomic for readers:
+
+- local: write ``<name>.tmp-<uuid>`` beside the target, fsync, ``os.replace``;
+- S3: the object is uploaded by boto3's managed transfer, which completes the
+  multipart upload last and aborts it on failure, so a reader never sees a
+  partial object (pyarrow's output stream completes the upload even when the
+  writer failed half-way, which is why it is not used for writes).
+
+Endpoint, region and credentials come from the standard AWS chain;
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points every client at a
+non-AWS endpoint such as a local test server.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """An I/O failure with the URI it concerned, safe to show a user."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or S3 URI with ``/``."""
+    if is_s3(uri):
+        out = uri.rstrip("/")
+        for p in parts:
+            out = out + "/" + p.strip("/")
+        return out
+    return os.path.join(uri, *parts)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"not an S3 URI with a bucket: {uri!r}")
+    return bucket, key
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or scheme
+        kwargs["scheme"] = scheme if host else "https"
+        # Local S3 servers do not speak virtual-host addressing.
+        kwargs["force_virtual_addressing"] = False
+    kwargs["region"] = region or "us-east-1"
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3fs(endpoint_url(), _region()), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@functools.lru_cache(maxsize=4)
+def _boto_client(endpoint: str | None, region: str | None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region or "us-east-1",
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+    )
+
+
+def s3_client():
+    """A boto3 S3 client configured like the pyarrow one (cached per process)."""
+    return _boto_client(endpoint_url(), _region())
+
+
+def _describe(exc: BaseException, uri: str, action: str) -> StorageError:
+    # botocore errors carry a code; keep the message short and free of credentials.
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+    msg = f"{action} {uri} failed: {code or type(exc).__name__}: {exc}"
+    return StorageError(msg)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _describe(e, uri, "stat") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "Path does not exist" in str(e) or "NoSuchKey" in str(e):
+            raise FileNotFoundError(uri) from e
+        raise _describe(e, uri, "read") from e
+
+
+def open_input_file(uri: str):
+    """A seekable random-access file (pyarrow NativeFile) for ``uri``."""
+    fs, path = filesystem(uri)
+    try:
+        return fs.open_input_file(path)
+    except OSError as e:
+        raise _describe(e, uri, "open") from e
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (readers see all of it or nothing)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().upload_fileobj(io.BytesIO(data), bucket, key)
+        except Exception as e:  # botocore raises many types; report them uniformly
+            raise _describe(e, uri, "upload") from e
+        return
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def put_file(local_path: str, uri: str) -> None:
+    """Move/upload a finished local file to ``uri`` atomically."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().upload_file(local_path, bucket, key)
+        except Exception as e:
+            raise _describe(e, uri, "upload") from e
+        return
+    path = os.path.abspath(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(local_path, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def makedirs(uri: str) -> None:
+    if not is_s3(uri):
+        os.makedirs(uri, exist_ok=True)
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if "does not exist" not in str(e):
+            raise _describe(e, uri, "delete") from e
+
+
+@dataclass(frozen=True)
+class Entry:
+    uri: str
+    name: str
+    size: int
+    is_dir: bool
+
+
+def list_dir(uri: str, recursive: bool = False) -> list[Entry]:
+    """Entries under ``uri`` (empty when it does not exist), sorted by URI."""
+    fs, path = filesystem(uri)
+    sel = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
+    try:
+        infos = fs.get_file_info(sel)
+    except OSError as e:
+        raise _describe(e, uri, "list") from e
+    prefix = uri.rstrip("/")
+    out = []
+    for info in infos:
+        rel = info.path[len(path):].lstrip("/")
+        if ".tmp-" in info.base_name:
+            continue  # an unfinished local write
+        full = join(prefix, rel) if is_s3(uri) else os.path.join(path, rel)
+        out.append(Entry(full, rel, info.size or 0, info.type == pafs.FileType.Directory))
+    return sorted(out, key=lambda e: e.uri)
+
+
+def local_tempdir(prefix: str = "webcurate-") -> str:
+    return tempfile.mkdtemp(prefix=prefix)
+
+
+def copy_to_local(uri: str, local_path: str) -> str:
+    """Copy an object to a local file (used for tools that need real paths)."""
+    if not is_s3(uri):
+        return os.path.abspath(uri)
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as src, open(local_path, "wb") as dst:
+        while True:
+            chunk = src.read(1 << 22)
+            if not chunk:
+                break
+            dst.write(chunk)
+    return local_path
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else os.path.basename(uri.rstrip("/"))
+
+
+def iter_lines(uri: str) -> Iterator[str]:
+    for line in read_bytes(uri).decode("utf-8").splitlines():
+        yield line

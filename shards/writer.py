@@ -1,0 +1,104 @@
+"""Per-shard writer: one WebDataset tar + one parquet index, committed atomically.
+
+The tar is built in a local temp file with fixed tar metadata (mtime 0, fixed
+owner), so the same samples in the same order give byte-identical shards.
+Commit order is tar first, index second: an index file therefore always
+describes a complete tar, and "index exists" means "shard written".
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from . import layout, storage
+from .schema import STATUS_OK, empty_row, rows_to_table
+
+
+def table_to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    """Write a parquet table to ``uri`` atomically."""
+    storage.write_bytes(uri, table_to_parquet_bytes(table))
+
+
+class ShardWriter:
+    """Collects the samples of one shard and commits them in one step.
+
+    ``add`` takes an encoded image (already validated) with its index row;
+    ``add_failure`` records a row with no bytes. Every input becomes exactly
+    one index row, in the order it was added.
+    """
+
+    def __init__(self, root: str, shard: int, extra_schema: pa.Schema | None = None):
+        self.root = root
+        self.shard = shard
+        self.extra_schema = extra_schema
+        self.rows: list[dict[str, Any]] = []
+        self._tmpdir = tempfile.mkdtemp(prefix=f"webcurate-shard{shard:05d}-")
+        self._tar_path = os.path.join(self._tmpdir, "shard.tar")
+        self._tar = wds.TarWriter(self._tar_path, user="webcurate", group="webcurate", mtime=0.0, encoder=False)
+        self._started = time.time()
+
+    def add(self, key: str, image: bytes, ext: str, row: dict[str, Any], caption: str | None = None) -> None:
+        """Append an ok sample: ``<key>.<ext>`` image, ``<key>.json`` metadata, optional ``<key>.txt``."""
+        full = empty_row(key, self.shard, row.get("source") or "")
+        full.update(row)
+        full.update(status=STATUS_OK, error=None, ext=ext, bytes=len(image))
+        meta = {k: v for k, v in full.items() if v is not None and k not in ("status", "error", "duplicate_of")}
+        sample = {"__key__": key, ext: image, "json": json.dumps(meta, sort_keys=True, default=str).encode()}
+        if caption:
+            sample["txt"] = caption.encode("utf-8")
+        self._tar.write(sample)
+        self.rows.append(full)
+
+    def add_failure(self, key: str, row: dict[str, Any], status: str, error: str) -> None:
+        full = empty_row(key, self.shard, row.get("source") or "")
+        full.update(row)
+        full.update(status=status, error=error)
+        self.rows.append(full)
+
+    def commit(self) -> dict[str, Any]:
+        """Upload the tar then the index; return the shard's stats."""
+        self._tar.close()
+        try:
+            storage.put_file(self._tar_path, layout.shard_uri(self.root, self.shard))
+            table = rows_to_table(self.rows, self.extra_schema)
+            write_parquet(layout.index_uri(self.root, self.shard), table)
+        finally:
+            self.cleanup()
+        return shard_stats(self.rows, time.time() - self._started)
+
+    def cleanup(self) -> None:
+        try:
+            if not self._tar.tarstream.closed:
+                self._tar.close()
+        except Exception:
+            pass
+        for name in os.listdir(self._tmpdir) if os.path.isdir(self._tmpdir) else []:
+            os.unlink(os.path.join(self._tmpdir, name))
+        if os.path.isdir(self._tmpdir):
+            os.rmdir(self._tmpdir)
+
+
+def shard_stats(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Counts by status and failure reason, bytes written, and time taken."""
+    counts: dict[str, int] = {"total": len(rows)}
+    for r in rows:
+        st = r.get("status") or "unknown"
+        counts[st] = counts.get(st, 0) + 1
+        if st not in (STATUS_OK,) and r.get("error"):
+            reason = f"{st}:{str(r['error']).split(':')[0]}"
+            counts[reason] = counts.get(reason, 0) + 1
+    counts["bytes"] = sum(int(r.get("bytes") or 0) for r in rows if r.get("status") == STATUS_OK)
+    return {"counts": counts, "seconds": round(seconds, 3)}

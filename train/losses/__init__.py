@@ -1,0 +1,1 @@
+"""webcurate.train.losses"""
