@@ -13,6 +13,7 @@ import click
 
 COMMAND_MODULES = [
     "webcurate.shards.cli",
+    "webcurate.curation.search_cli",
     "webcurate.curation.cli",
     "webcurate.curation.labeling.cli",
     "webcurate.train.cli",

@@ -1,0 +1,265 @@
+"""`webcurate shard`: inputs -> WebDataset shards + index + manifest, on Ray.
+
+Inputs are split into contiguous blocks of ``shard_size`` in input order, so
+input row i always lands in shard i // shard_size; one Ray task writes one
+shard (threads inside fetch and decode). Shards already complete are skipped,
+so a killed run re-run with the same command finishes the rest and gives the
+same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from . import layout, manifest as manifest_mod, storage
+from .dataset import Dataset, DatasetError
+from .download import FetchFailed, FetchOptions, fetch
+from .image_ops import ImageOptions, ImageRejected, process_image
+from .inputs import extra_columns, is_url_list, read_folder, read_url_list
+from .schema import STATUS_DUPLICATE, STATUS_FAILED, STATUS_OPTED_OUT, rows_to_table
+from .writer import ShardWriter, write_parquet
+
+
+@dataclasses.dataclass
+class IngestResult:
+    root: str
+    num_shards: int
+    counts: dict[str, int]
+    seconds: float
+    failed_shards: dict[int, str]
+
+
+def _load_source(source: str, base: str | None, fetch_opts: FetchOptions) -> bytes:
+    if base is not None:  # folder input: path relative to the folder
+        try:
+            return storage.read_bytes(storage.join(base, source))
+        except FileNotFoundError:
+            raise FetchFailed("not_found", source)
+        except OSError as e:
+            raise FetchFailed("read_error", str(e)[:200])
+    if source.startswith(("http://", "https://")):
+        return fetch(source, fetch_opts)
+    if source.startswith("s3://") or source.startswith("file://") or os.path.isabs(source):
+        path = source[len("file://"):] if source.startswith("file://") else source
+        try:
+            return storage.read_bytes(path)
+        except FileNotFoundError:
+            raise FetchFailed("not_found", source)
+        except OSError as e:
+            raise FetchFailed("read_error", str(e)[:200])
+    raise FetchFailed("invalid_url", f"unsupported source {source[:100]!r}" if source else "empty url")
+
+
+def _process_one(row: dict[str, Any], base: str | None, image_opts: ImageOptions, fetch_opts: FetchOptions):
+    try:
+        data = _load_source(row["source"], base, fetch_opts)
+        return process_image(data, image_opts), None
+    except FetchFailed as e:
+        return None, e
+    except ImageRejected as e:
+        return None, e
+    except Exception as e:  # never lose the shard to one odd sample
+        return None, FetchFailed("error", f"{type(e).__name__}: {e}"[:300])
+
+
+def ingest_shard(
+    shard: int,
+    *,
+    root: str,
+    table: pa.Table,
+    shard_size: int,
+    base: str | None,
+    image_opts: ImageOptions,
+    fetch_opts: FetchOptions,
+    threads: int,
+    dedup: bool,
+) -> dict[str, Any]:
+    """Fetch, validate, transform and write shard ``shard``; return its stats."""
+    rows = table.slice(shard * shard_size, shard_size).to_pylist()
+    writer = ShardWriter(root, shard, extra_schema=extra_columns(table))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            results = list(pool.map(lambda r: _process_one(r, base, image_opts, fetch_opts), rows))
+        first_by_hash: dict[str, str] = {}
+        for row, (img, err) in zip(rows, results):
+            key = row.pop("key")
+            meta = {k: v for k, v in row.items()}
+            if err is not None:
+                status = STATUS_OPTED_OUT if getattr(err, "reason", "") == "opted_out" else STATUS_FAILED
+                writer.add_failure(key, meta, status, str(err))
+                continue
+            if dedup and img.sha256 in first_by_hash:
+                meta.update(sha256=img.sha256, width=img.width, height=img.height,
+                            duplicate_of=first_by_hash[img.sha256])
+                writer.add_failure(key, meta, STATUS_DUPLICATE, f"duplicate: same pixels as {first_by_hash[img.sha256]}")
+                continue
+            first_by_hash.setdefault(img.sha256, key)
+            meta.update(width=img.width, height=img.height, original_width=img.original_width,
+                        original_height=img.original_height, sha256=img.sha256)
+            writer.add(key, img.data, img.ext, meta, caption=row.get("caption"))
+        return writer.commit()
+    finally:
+        writer.cleanup()
+
+
+def _check_existing(root: str, stage: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    existing = manifest_mod.load(root)
+    if existing is None:
+        return None
+    if existing.get("stage") != stage or existing.get("parameters") != params:
+        changed = sorted(k for k in set(params) | set(existing.get("parameters") or {})
+                         if params.get(k) != (existing.get("parameters") or {}).get(k))
+        raise DatasetError(
+            f"{root} already holds a dataset made by `{existing.get('stage')}` with other parameters "
+            f"({', '.join(changed) or 'stage differs'}); write to a new --output, or remove it to start over"
+        )
+    return existing
+
+
+def ingest_table(
+    table: pa.Table,
+    output: str,
+    *,
+    stage_params: dict[str, Any],
+    base: str | None = None,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    threads: int = 16,
+    image_opts: ImageOptions = ImageOptions(),
+    fetch_opts: FetchOptions = FetchOptions(),
+    dedup: bool = True,
+    summary: bool = True,
+) -> IngestResult:
+    """Shard an input table (columns source, key, [caption, label, extras]) into ``output``."""
+    from webcurate.pipeline.progress import print_summary
+    from webcurate.pipeline.stage import run_shards
+
+    if shard_size < 1:
+        raise ValueError("--shard-size must be at least 1")
+    n = table.num_rows
+    num_shards = max(1, -(-n // shard_size))
+    params = dict(stage_params, shard_size=shard_size, image=dataclasses.asdict(image_opts), num_inputs=n)
+    existing = _check_existing(output, "shard", params)
+    if existing is None:
+        m = manifest_mod.new("shard", params, parent=None, num_shards=num_shards)
+        storage.makedirs(output)
+        manifest_mod.save(output, m)
+    ds = Dataset(output)
+    done = set(ds.completed_shards())
+
+    def on_done(shard: int, stats: dict[str, Any]) -> None:
+        manifest_mod.record_shard(output, shard, stats)
+
+    result = run_shards(
+        ingest_shard, list(range(num_shards)),
+        kwargs=dict(root=output, table=table, shard_size=shard_size, base=base,
+                    image_opts=image_opts, fetch_opts=fetch_opts, threads=threads, dedup=dedup),
+        done=done, on_done=on_done, desc="shard", workers=workers, num_cpus=1.0,
+    )
+    if not result.failed and dedup:
+        mark_cross_shard_duplicates(output)
+    m = manifest_mod.load(output) or {}
+    if summary:
+        print_summary(result, title=f"shard -> {output}")
+    from webcurate.pipeline.stage import raise_if_failed
+
+    raise_if_failed(result)
+    return IngestResult(output, num_shards, m.get("counts", {}), result.seconds, result.failed)
+
+
+def mark_cross_shard_duplicates(root: str) -> int:
+    """Mark ok samples whose pixels equal an earlier shard's sample as duplicates.
+
+    Within a shard the task already did this; across shards it can only be
+    done once all are written. The first occurrence in input order is kept;
+    later ones get status ``duplicate`` and ``duplicate_of`` in the index
+    (their bytes stay in the tar, readers go by the index). Idempotent.
+    """
+    ds = Dataset(root)
+    first: dict[str, str] = {}
+    marked = 0
+    for shard in ds.completed_shards():
+        idx = ds.read_index(shard)
+        rows = idx.to_pylist()
+        changed = False
+        for r in rows:
+            if r["status"] != "ok" or not r["sha256"]:
+                continue
+            k0 = first.setdefault(r["sha256"], r["key"])
+            if k0 != r["key"]:
+                r.update(status=STATUS_DUPLICATE, duplicate_of=k0, error=f"duplicate: same pixels as {k0}")
+                changed = True
+                marked += 1
+        if changed:
+            extra = pa.schema([f for f in idx.schema if f.name not in rows_to_table([]).schema.names])
+            write_parquet(layout.index_uri(root, shard), rows_to_table(rows, extra))
+    m = manifest_mod.load(root)
+    if m is not None:
+        m["cross_shard_duplicates"] = marked
+        counts = dict(m.get("counts", {}))
+        if marked:
+            counts["ok"] = counts.get("ok", 0) - marked
+            counts[STATUS_DUPLICATE] = counts.get(STATUS_DUPLICATE, 0) + marked
+        m["counts"] = counts
+        manifest_mod.save(root, m)
+    return marked
+
+
+def ingest_folder(
+    input_dir: str,
+    output: str,
+    *,
+    labels_from_dirs: bool = False,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    threads: int = 8,
+    image_opts: ImageOptions = ImageOptions(),
+    dedup: bool = True,
+    summary: bool = True,
+) -> IngestResult:
+    """Shard a local or s3:// folder tree of images (see ``read_folder``)."""
+    table, ignored = read_folder(input_dir, labels_from_dirs=labels_from_dirs)
+    if ignored and summary:
+        print(f"note: ignored {ignored} non-image file(s) under {input_dir}")
+    params = {"input": input_dir, "kind": "folder", "labels_from_dirs": labels_from_dirs, "dedup": dedup}
+    return ingest_table(table, output, stage_params=params, base=input_dir, shard_size=shard_size,
+                        workers=workers, threads=threads, image_opts=image_opts, dedup=dedup, summary=summary)
+
+
+def ingest_urls(
+    url_list: str,
+    output: str,
+    *,
+    url_col: str = "url",
+    caption_col: str | None = "caption",
+    label_col: str | None = None,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    threads: int = 16,
+    image_opts: ImageOptions = ImageOptions(),
+    fetch_opts: FetchOptions = FetchOptions(),
+    dedup: bool = True,
+    summary: bool = True,
+) -> IngestResult:
+    """Download and shard a URL list (parquet/CSV/TSV/JSONL/txt, optionally gzipped)."""
+    table = read_url_list(url_list, url_col=url_col, caption_col=caption_col, label_col=label_col)
+    params = {"input": url_list, "kind": "urls", "url_col": url_col, "caption_col": caption_col,
+              "label_col": label_col, "dedup": dedup,
+              "fetch": {k: v for k, v in dataclasses.asdict(fetch_opts).items() if k != "user_agent"}}
+    return ingest_table(table, output, stage_params=params, base=None, shard_size=shard_size, workers=workers,
+                        threads=threads, image_opts=image_opts, fetch_opts=fetch_opts, dedup=dedup, summary=summary)
+
+
+def ingest(input_uri: str, output: str, **kwargs: Any) -> IngestResult:
+    """Dispatch on the input: a URL list file, else a folder of images."""
+    if is_url_list(input_uri):
+        kwargs.pop("labels_from_dirs", None)
+        return ingest_urls(input_uri, output, **kwargs)
+    for k in ("url_col", "caption_col", "label_col", "fetch_opts"):
+        kwargs.pop(k, None)
+    return ingest_folder(input_uri, output, **kwargs)
+
