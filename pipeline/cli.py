@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "webcurate.curation.labeling.cli",
     "webcurate.train.cli",
     "webcurate.pipeline.jobs_cli",
+    "webcurate.pipeline.run_cli",
 ]
 
 

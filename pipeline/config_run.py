@@ -1,0 +1,225 @@
+"""`webcurate run PIPELINE.yaml`: shard → curate → train → label from one config.
+
+Each step reads the previous step's output unless its own input is set, and
+each step is skipped (or resumed) when its output is already complete:
+
+- shard: resumes per shard (complete shards are skipped);
+- curate: each curation step is skipped when its sidecar is complete;
+- train: skipped when ``<output>/backbone.safetensors`` exists, resumed from
+  the newest checkpoint when the output holds an unfinished run;
+- embed_for_label (optional): embeddings of the dataset to label and of the
+  seed datasets with the trained backbone, so embedding LFs can use them;
+- label: resumes per shard and refuses to overwrite another export.
+
+A summary table lists every step with its outcome and time.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+STEPS = ("shard", "curate", "train", "embed_for_label", "label")
+TOP_LEVEL = {"ray_address", "workdir", *STEPS}
+
+
+@dataclass
+class StepResult:
+    step: str
+    outcome: str  # ran | resumed | complete already | off
+    seconds: float = 0.0
+    output: str | None = None
+    detail: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pipeline(path_or_dict: str | dict[str, Any]) -> dict[str, Any]:
+    """Read a pipeline config (YAML path, local or s3://, or a dict) and check its keys."""
+    import yaml
+
+    from webcurate.shards import storage
+
+    if isinstance(path_or_dict, dict):
+        raw, where = dict(path_or_dict), "pipeline config"
+    else:
+        where = path_or_dict
+        try:
+            raw = yaml.safe_load(storage.read_bytes(path_or_dict).decode("utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"pipeline config {path_or_dict} does not exist")
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping with steps {', '.join(STEPS)}")
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(TOP_LEVEL))}")
+    for step in STEPS:
+        if raw.get(step) is not None and raw.get(step) is not False and not isinstance(raw[step], dict):
+            raise ConfigError(f"{where}: `{step}` must be a mapping of options (or false)")
+    if not any(isinstance(raw.get(s), dict) for s in STEPS):
+        raise ConfigError(f"{where}: no steps configured; give at least one of {', '.join(STEPS)}")
+    return raw
+
+
+def _need(sec: dict[str, Any], key: str, step: str) -> Any:
+    if not sec.get(key):
+        raise ConfigError(f"pipeline step `{step}` needs `{key}`")
+    return sec[key]
+
+
+def run_shard_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.shards.download import FetchOptions
+    from webcurate.shards.image_ops import ImageOptions
+    from webcurate.shards.ingest import ingest
+
+    sec = dict(sec)
+    inp, out = _need(sec, "input", "shard"), _need(sec, "output", "shard")
+    image_keys = {"image_size", "resize_mode", "min_side", "max_pixels", "max_aspect_ratio", "jpeg_quality",
+                  "output_format", "upscale"}
+    fetch_keys = {"connect_timeout", "read_timeout", "total_timeout", "retries", "max_bytes"}
+    image_opts = ImageOptions(**{k: sec.pop(k) for k in list(sec) if k in image_keys})
+    fetch_opts = FetchOptions(**{k: sec.pop(k) for k in list(sec) if k in fetch_keys})
+    sec.pop("input"), sec.pop("output")
+    allowed = {"url_col", "caption_col", "label_col", "labels_from_dirs", "shard_size", "workers", "threads", "dedup"}
+    bad = sorted(set(sec) - allowed)
+    if bad:
+        raise ConfigError(f"pipeline step `shard`: unknown key(s) {', '.join(bad)}")
+    r = ingest(inp, out, image_opts=image_opts, fetch_opts=fetch_opts, **sec)
+    c = r.counts
+    return StepResult("shard", "ran", r.seconds, out,
+                      f"{c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicates")
+
+
+def run_curate_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.curation.curate import run_curate
+
+    res = run_curate(sec, summary=True, verbose=False)
+    ran = [s for s in res.get("steps", []) if s.get("outcome") == "ran" and s.get("step") != "report"]
+    return StepResult("curate", "ran" if ran else "complete already", float(res.get("seconds", 0.0)),
+                      res.get("output") or sec.get("input"),
+                      f"report: {res.get('report')}", info={"report": res.get("report")})
+
+
+def train_is_complete(output: str) -> bool:
+    from webcurate.shards import storage
+
+    return storage.exists(storage.join(output, "backbone.safetensors"))
+
+
+def run_train_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.train.checkpoint import list_checkpoints
+    from webcurate.train.config import load_config
+    from webcurate.train.loop import train
+
+    data, out = _need(sec, "data", "train"), _need(sec, "output", "train")
+    if train_is_complete(out):
+        return StepResult("train", "complete already", 0.0, out, "backbone.safetensors exists")
+    overrides = sec.get("overrides") or []
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    overrides = [str(o) for o in overrides]
+    for key, path in (("max_steps", "run.max_steps"), ("num_workers", "run.num_workers"), ("model", "model.name")):
+        if sec.get(key) is not None:
+            overrides.append(f"{path}={sec[key]}")
+    cfg = load_config(sec.get("config"), overrides)
+    resume = bool(list_checkpoints(out))
+    summary = train(data, out, cfg, resume=resume)
+    detail = ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                       for k in ("step", "loss", "img_per_s") if k in summary)
+    return StepResult("train", "resumed" if resume else "ran", float(summary.get("seconds", 0.0)), out, detail,
+                      info=summary)
+
+
+def run_embed_for_label_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.curation.embed import run_embed
+
+    datasets = sec.get("datasets") or []
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if not datasets:
+        raise ConfigError("pipeline step `embed_for_label` needs `datasets` (the dataset to label and its seeds)")
+    opts = {k: v for k, v in sec.items() if k != "datasets"}
+    model = opts.pop("model", None)
+    if not model:
+        raise ConfigError("pipeline step `embed_for_label` needs `model`")
+    for d in datasets:
+        run_embed(d, model, **opts)
+    return StepResult("embed_for_label", "ran", 0.0, None, f"{len(datasets)} dataset(s)")
+
+
+def run_label_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.curation.labeling.workflow import run_label
+
+    sec = dict(sec)
+    inp, lfs = _need(sec, "input", "label"), _need(sec, "lfs", "label")
+    out = sec.pop("output", None)
+    sec.pop("input"), sec.pop("lfs")
+    if "dev" in sec:
+        sec["dev_uri"] = sec.pop("dev")
+    run = run_label(inp, lfs, out, **sec)
+    covered = float((run.L != -1).any(axis=1).mean()) if run.L.size else 0.0
+    detail = f"{len(run.keys)} samples, {len(run.lf_names)} LFs, coverage {covered:.2f}"
+    if run.selection is not None:
+        detail += f", exported {int(run.selection.selected.sum())}"
+    for name, acc in sorted((run.dev or {}).items()):
+        if name.endswith("_accuracy") and isinstance(acc, (int, float)):
+            detail += f", dev {name} {acc:.3f}"
+    return StepResult("label", "ran", 0.0, out, detail.strip())
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any]], StepResult]] = {
+    "shard": run_shard_step, "curate": run_curate_step, "train": run_train_step,
+    "embed_for_label": run_embed_for_label_step, "label": run_label_step,
+}
+
+
+def _chain_inputs(cfg: dict[str, Any]) -> None:
+    """Fill each step's input from the previous step's output when not given."""
+    prev: str | None = None
+    for step in STEPS:
+        sec = cfg.get(step)
+        if not isinstance(sec, dict):
+            continue
+        if step == "curate":
+            sec.setdefault("input", prev)
+            prev = sec.get("output") or sec.get("input")
+        elif step == "train":
+            sec.setdefault("data", prev)
+        elif step == "label":
+            sec.setdefault("input", prev)
+        elif step == "shard":
+            prev = sec.get("output")
+
+
+def run_pipeline(config: str | dict[str, Any], *, only: list[str] | None = None) -> list[StepResult]:
+    """Run the configured steps in order; returns one ``StepResult`` per step."""
+    from .progress import print_table
+    from .ray_runtime import init_ray
+
+    cfg = load_pipeline(config)
+    _chain_inputs(cfg)
+    init_ray(cfg.get("ray_address"))
+    results: list[StepResult] = []
+    for step in STEPS:
+        sec = cfg.get(step)
+        if not isinstance(sec, dict) or (only and step not in only):
+            results.append(StepResult(step, "off"))
+            continue
+        print(f"\n== {step} ==", flush=True)
+        t0 = time.time()
+        r = RUNNERS[step](dict(sec))
+        r.seconds = r.seconds or (time.time() - t0)
+        if r.outcome == "ran":
+            r.seconds = time.time() - t0
+        results.append(r)
+    print_table("pipeline", [(r.step, r.outcome, f"{r.seconds:.1f}", r.output or "", r.detail) for r in results],
+                ("step", "outcome", "seconds", "output", "detail"))
+    return results
+
+
+def default_workdir() -> str:
+    return os.path.abspath("webcurate-demo")
