@@ -1,7 +1,8 @@
 """Errors that mean "the user's input is wrong", shown as one line, not a traceback."""
 from __future__ import annotations
 
-from webcurate.shards.dataset import DatasetError
+from webcurate.shards.errors import DatasetError
+from webcurate.shards.inputs import InputError
 from webcurate.shards.storage import StorageError
 
 
@@ -9,4 +10,4 @@ class ConfigError(ValueError):
     """A config file or option is invalid."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, StorageError, ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, StorageError, ConfigError, InputError, FileNotFoundError)

@@ -44,3 +44,11 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def max_node_cpus() -> float:
+    """CPUs of the largest alive node: no single task or actor can ask for more."""
+    import ray
+
+    cpus = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus, default=1.0)

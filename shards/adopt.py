@@ -91,7 +91,7 @@ def adopt(root: str, workers: int | None = None, summary: bool = True) -> Datase
     tars = sorted(e.name for e in storage.list_dir(root) if e.name.endswith(".tar") and not e.is_dir)
     if not tars:
         raise DatasetError(f"{root} holds no .tar shards to adopt")
-    params = {"input": root, "kind": "adopt", "shard_files": tars}
+    params = manifest_mod.normalize({"input": root, "kind": "adopt", "shard_files": tars})
     existing = manifest_mod.load(root)
     if existing is None or existing.get("parameters") != params:
         manifest_mod.save(root, manifest_mod.new("adopt", params, parent=None, num_shards=len(tars), shard_files=tars))

@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import layout, manifest as manifest_mod, storage
+from .errors import DatasetError
 from .schema import STATUS_OK
 
+__all__ = ["Dataset", "DatasetError", "Sample"]
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing, malformed, or lacks what a stage needs."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import requests
+import urllib3
 
 USER_AGENT = "webcurate/0.1 (image dataset builder; honours X-Robots-Tag noai/noimageai)"
 # img2dataset's defaults: these X-Robots-Tag directives opt an image out.
@@ -116,7 +117,12 @@ def _fetch_once(url: str, opts: FetchOptions) -> bytes:
                 raise FetchFailed("body_too_large", f"Content-Length {length} > {opts.max_bytes}")
             chunks = []
             size = 0
-            for chunk in r.iter_content(chunk_size=65536):
+            while True:
+                # read1 returns as soon as some bytes arrive, so the deadline below is
+                # checked during a slow drip (iter_content blocks until 64 KiB are in).
+                chunk = r.raw.read1(65536, decode_content=True)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > opts.max_bytes:
                     raise FetchFailed("body_too_large", f"more than {opts.max_bytes} bytes")
@@ -139,6 +145,12 @@ def _fetch_once(url: str, opts: FetchOptions) -> bytes:
         raise FetchFailed("invalid_url", str(e)[:200])
     except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema) as e:
         raise FetchFailed("invalid_url", str(e)[:200])
+    except urllib3.exceptions.ReadTimeoutError:
+        raise FetchFailed("timeout", "read timed out")
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.IncompleteRead) as e:
+        raise FetchFailed("truncated", str(e)[:200])
+    except urllib3.exceptions.HTTPError as e:
+        raise FetchFailed("connection_error", str(e)[:200])
     except requests.exceptions.ChunkedEncodingError as e:
         raise FetchFailed("truncated", str(e)[:200])
     except requests.exceptions.RequestException as e:

@@ -107,6 +107,7 @@ def ingest_shard(
 
 
 def _check_existing(root: str, stage: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    params = manifest_mod.normalize(params)
     existing = manifest_mod.load(root)
     if existing is None:
         return None

@@ -43,6 +43,12 @@ def code_version() -> str:
     return v
 
 
+def normalize(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as they read back from JSON (tuples become lists), so a
+    re-run's parameters compare equal to the recorded ones."""
+    return json.loads(json.dumps(parameters, sort_keys=True, default=str))
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -71,6 +77,7 @@ def save(root: str, manifest: dict[str, Any]) -> None:
 
 def new(stage: str, parameters: dict[str, Any], parent: str | None, num_shards: int, **extra: Any) -> dict[str, Any]:
     """A fresh manifest for a dataset made by ``stage``."""
+    parameters = normalize(parameters)
     m = {
         "format": FORMAT,
         "stage": stage,
@@ -121,6 +128,7 @@ def record_stage(root: str, stage: str, parameters: dict[str, Any], **info: Any)
     m = load(root)
     if m is None:
         raise storage.StorageError(f"no {MANIFEST_NAME} under {root}")
+    parameters = normalize(parameters)
     entry = m.setdefault("stages", {}).setdefault(stage, {})
     if entry.get("parameters") not in (None, parameters):
         # Parameters changed: earlier parts were made differently; keep the

@@ -121,7 +121,7 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:  # no transparent .gz decoding
             return f.read()
     except FileNotFoundError:
         raise
@@ -233,7 +233,7 @@ def copy_to_local(uri: str, local_path: str) -> str:
     if not is_s3(uri):
         return os.path.abspath(uri)
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as src, open(local_path, "wb") as dst:
+    with fs.open_input_stream(path, compression=None) as src, open(local_path, "wb") as dst:
         while True:
             chunk = src.read(1 << 22)
             if not chunk:

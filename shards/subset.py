@@ -91,7 +91,7 @@ def write_subset(
         raise DatasetError(f"{src_root} has no completed shards to export from")
     if storage.is_s3(dst_root) == storage.is_s3(src_root) and dst_root.rstrip("/") == src_root.rstrip("/"):
         raise DatasetError("export output must differ from its input dataset")
-    params = dict(parameters, selected=len(selected))
+    params = manifest_mod.normalize(dict(parameters, selected=len(selected)))
     existing = manifest_mod.load(dst_root)
     if existing is not None and (existing.get("stage") != stage or existing.get("parent") != src_root
                                  or existing.get("parameters") != params):

@@ -88,8 +88,12 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One in-process Ray for the test session (2 CPUs, small object store)."""
+def ray_local(s3_server):
+    """One in-process Ray for the test session (2 CPUs, small object store).
+
+    Depends on ``s3_server`` so the S3 endpoint settings exist before Ray
+    starts: its worker processes inherit the environment of that moment.
+    """
     import ray
 
     if not ray.is_initialized():

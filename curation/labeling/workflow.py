@@ -1,0 +1,215 @@
+"""The ``webcurate label`` flow: LFs -> votes -> label model -> pseudo-labelled dataset.
+
+1. load the LF file, resolve class names (``--classes`` / config / ``CLASSES``);
+2. apply the LFs over the input's shards (Ray tasks, resumable sidecar
+   ``lf_votes/``); stop with a clear error when an LF fails on more than
+   ``max_error_rate`` of the samples (its first error message is shown);
+3. with ``--dev``: apply the same LFs to the labelled dev dataset and read
+   its ``label`` names;
+4. fit the label model (or majority vote) on the votes; with a dev set,
+   calibrate its temperature there and report dev accuracy against majority
+   vote;
+5. print the LF analysis table; export the selected items with
+   ``export.export_pseudo_labels`` and save the model beside them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from webcurate.pipeline.errors import ConfigError
+from webcurate.shards import storage
+from webcurate.shards.dataset import Dataset, DatasetError
+
+from . import analysis, apply as apply_mod, export as export_mod
+from .label_model import LabelModel, MajorityVote, check_label_matrix
+from .lf import ABSTAIN, LFError, LFSet, load_lf_file, resolve_classes
+
+MODELS = ("labelmodel", "majority", "auto")
+MODEL_FILE = "label_model.json"
+
+
+@dataclass
+class LabelRun:
+    """What a labelling run produced (also returned to Python callers)."""
+
+    classes: list[str]
+    lf_names: list[str]
+    keys: list[str]
+    L: np.ndarray
+    probs: np.ndarray
+    pred: np.ndarray
+    model: Any
+    stats: list[analysis.LFStats]
+    selection: export_mod.Selection | None = None
+    dev: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def read_config_classes(config_path: str | None) -> list[str] | None:
+    """``classes:`` from a YAML config (top level or under ``label:``)."""
+    if not config_path:
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(storage.read_bytes(config_path)) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config {config_path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {config_path} is not valid YAML: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {config_path} must be a mapping")
+    classes = cfg.get("classes", (cfg.get("label") or {}).get("classes") if isinstance(cfg.get("label"), dict) else None)
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"config {config_path}: `classes:` must be a list of names")
+    return classes
+
+
+def make_model(name: str, k: int, class_balance: Sequence[float] | None = None) -> Any:
+    if name == "labelmodel":
+        return LabelModel(k, class_balance=class_balance)
+    if name == "majority":
+        return MajorityVote(k, class_balance=class_balance)
+    raise ConfigError(f"unknown label model {name!r}; choose one of {MODELS}")
+
+
+def check_errors(summary: apply_mod.ApplySummary, max_error_rate: float, where: str) -> None:
+    """Stop when an LF failed on more than ``max_error_rate`` of the samples."""
+    if summary.total == 0:
+        return
+    bad = [(n, e) for n, e in summary.errors.items() if e / summary.total > max_error_rate]
+    if bad:
+        lines = "; ".join(f"LF `{n}` failed on {e} of {summary.total} samples "
+                          f"(first error: {summary.first_errors.get(n, '?')})" for n, e in bad)
+        raise LFError(f"{where}: {lines}. Fix the LF, or pass --max-lf-error-rate 1 to let it abstain there")
+
+
+def dev_votes(dev_uri: str, lfset: LFSet, classes: list[str], workers: int | None,
+              max_error_rate: float, sidecars: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Votes (n_dev, m) of the LFs on the dev dataset and its true classes (n_dev,)."""
+    dev = Dataset(dev_uri)
+    summ = apply_mod.apply_lfs(dev, lfset, classes, sidecars=sidecars, workers=workers, summary=False)
+    check_errors(summ, max_error_rate, f"dev dataset {dev_uri}")
+    votes = apply_mod.read_votes(dev, lfset.names)
+    index = dev.index(columns=["key", "label"])
+    if "label" not in index.column_names:
+        raise ConfigError(f"dev dataset {dev_uri} has no `label` field")
+    label_of = dict(zip(index.column("key").to_pylist(), index.column("label").to_pylist()))
+    y = analysis.dev_labels([label_of.get(k) for k in votes.keys], classes, where=f"dev dataset {dev_uri}")
+    return votes.L, y
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> tuple[float | None, float]:
+    """(accuracy on covered items with a known label, coverage)."""
+    known = y >= 0
+    cov = pred[known] >= 0
+    if not cov.any():
+        return None, 0.0
+    return float((pred[known][cov] == y[known][cov]).mean()), float(cov.mean())
+
+
+def run_label(
+    input_uri: str,
+    lfs_path: str,
+    output_uri: str | None = None,
+    *,
+    dev_uri: str | None = None,
+    classes: Sequence[str] | None = None,
+    config: str | None = None,
+    model: str = "labelmodel",
+    min_confidence: float = 0.0,
+    per_class_cap: int | None = None,
+    class_balance: Sequence[float] | None = None,
+    max_error_rate: float = 0.5,
+    sidecars: Sequence[str] | None = None,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> LabelRun:
+    """Label ``input_uri`` with the LFs in ``lfs_path``; export to ``output_uri`` when given."""
+    if model not in MODELS:
+        raise ConfigError(f"unknown --model {model!r}; choose one of {', '.join(MODELS)}")
+    lfset = load_lf_file(lfs_path)
+    cls = resolve_classes(classes, read_config_classes(config), lfset.classes)
+    if class_balance is not None and len(class_balance) != len(cls):
+        raise ConfigError(f"--class-balance has {len(class_balance)} values for {len(cls)} classes")
+    ds = Dataset(input_uri)
+    ds.manifest  # a clear error when the input is not a dataset
+    summ = apply_mod.apply_lfs(ds, lfset, cls, sidecars=sidecars, workers=workers, summary=not quiet)
+    check_errors(summ, max_error_rate, f"dataset {input_uri}")
+    votes = apply_mod.read_votes(ds, lfset.names)
+    if not votes.keys:
+        raise DatasetError(f"{input_uri} has no `ok` samples to label")
+    L = check_label_matrix(votes.L, len(cls), lfset.names)
+    m = make_model("labelmodel" if model == "auto" else model, len(cls), class_balance).fit(L, lfset.names)
+    chosen = "labelmodel" if model == "auto" else model
+
+    dev: dict[str, Any] = {}
+    L_dev = y_dev = None
+    if dev_uri:
+        L_dev, y_dev = dev_votes(dev_uri, lfset, cls, workers, max_error_rate, sidecars)
+        if isinstance(m, LabelModel) and np.any(L_dev != ABSTAIN):
+            dev["temperature"] = m.calibrate(L_dev, y_dev)
+        mv = MajorityVote(len(cls), class_balance=m.class_balance).fit(L, lfset.names)
+        for name, mod in ((chosen, m), ("majority", mv)):
+            acc, cov = accuracy(mod.predict(L_dev) if np.any(L_dev != ABSTAIN) else
+                                np.full(len(y_dev), ABSTAIN), y_dev)
+            dev[f"{name}_accuracy"], dev[f"{name}_coverage"] = acc, cov
+        if model == "auto" and (dev.get("majority_accuracy") or 0) > (dev.get("labelmodel_accuracy") or 0):
+            # The LFs break the label model's assumptions here; the dev set says so.
+            m, chosen = mv, "majority"
+    if model == "auto":
+        dev["chosen_model"] = chosen if dev_uri else "labelmodel (no --dev to compare with)"
+
+    probs = m.predict_proba(L)
+    pred = m.predict(L)
+    stats = analysis.lf_stats(L, lfset.names, cls, L_dev=L_dev, y_dev=y_dev, model=m, errors=summ.errors)
+    run = LabelRun(classes=cls, lf_names=lfset.names, keys=votes.keys, L=L, probs=probs, pred=pred,
+                   model=m, stats=stats, dev=dev)
+    if not quiet:
+        analysis.print_lf_table(stats, title=f"LF analysis: {input_uri}")
+    if output_uri:
+        run.selection = export_mod.select(votes.keys, probs, pred, min_confidence=min_confidence,
+                                          per_class_cap=per_class_cap)
+        params = {"lfs": lfset.names, "lf_sha": lfset.sha, "model": chosen, "min_confidence": min_confidence,
+                  "per_class_cap": per_class_cap, "class_balance": None if class_balance is None else list(class_balance),
+                  "dev": dev_uri}
+        run.manifest = export_mod.export_pseudo_labels(
+            input_uri, output_uri, votes.keys, probs, L, lfset.names, cls, run.selection,
+            model_name=chosen, parameters=params, workers=workers, summary=not quiet)
+        storage.write_bytes(storage.join(output_uri, MODEL_FILE),
+                            json.dumps({**m.to_dict(), "classes": cls, "dev": dev}, indent=1).encode())
+    if not quiet:
+        print_run_summary(run, output_uri)
+    return run
+
+
+def print_run_summary(run: LabelRun, output_uri: str | None) -> None:
+    """Counts per class, confidence, coverage and dev accuracy."""
+    from webcurate.pipeline.progress import print_table
+
+    n = len(run.keys)
+    covered = int((run.pred >= 0).sum())
+    rows: list[tuple[Any, ...]] = [("items", n), ("covered (>= 1 vote)", f"{covered} ({covered / max(n, 1):.1%})")]
+    if run.selection is not None:
+        sel = run.selection
+        rows.append(("exported", int(sel.selected.sum())))
+        for reason, c in sel.reasons.items():
+            rows.append((f"left out: {reason}", c))
+        for c, name in enumerate(run.classes):
+            k = sel.selected & (sel.pred == c)
+            mean = float(sel.confidence[k].mean()) if k.any() else float("nan")
+            rows.append((f"class {name}", f"{int(k.sum())} (mean confidence {mean:.3f})"))
+    bal = getattr(run.model, "class_balance", None)
+    if bal is not None:
+        rows.append(("class balance (model)", ", ".join(f"{c}={b:.3f}" for c, b in zip(run.classes, bal))))
+    for k, v in run.dev.items():
+        rows.append((f"dev {k}", "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else v)))
+    if output_uri:
+        rows.append(("output", output_uri))
+    print_table("label: summary", rows, ("what", "value"))

@@ -1,0 +1,116 @@
+"""`webcurate curate`: the whole flow on an s3:// dataset, config validation, resume."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import pathlib
+
+import pytest
+
+from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.dataset import Dataset
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "curate.yaml"
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("cluster_data", pathlib.Path(__file__).with_name("cluster_data.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cd = _helpers()
+
+
+def test_example_config_is_valid_and_documents_every_key():
+    from webcurate.curation.curate import SECTIONS, load_config
+
+    import re
+
+    import yaml
+
+    cfg = load_config(str(EXAMPLE))
+    assert cfg["cluster"]["levels"] == [10000, 1000, 100]
+    text = EXAMPLE.read_text()
+    raw = yaml.safe_load(text)
+    for section, keys in SECTIONS.items():
+        assert set(raw[section]) <= set(keys)
+        # Every key is set or shown commented out (alternatives such as embed.checkpoint).
+        block = text.split(f"\n{section}:", 1)[1].split("\n\n", 1)[0]
+        for key in keys:
+            assert re.search(rf"^\s*#?\s*{key}:", block, re.M), f"examples/curate.yaml does not document {section}.{key}"
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"output": "o"}, "`input`"),
+    ({"input": "i", "output": "o", "embed": {"model": "m"}, "sample": {"target": 5}, "clustr": {}}, "clustr"),
+    ({"input": "i", "output": "o", "embed": {"model": "m"}, "sample": {"target": 5}, "cluster": {"level": [3]}},
+     "cluster.level"),
+    ({"input": "i", "output": "o", "embed": {"model": "m"}}, "sample.target"),
+    ({"input": "i", "embed": {"model": "m"}, "sample": {"target": 5}}, "`output`"),
+    ({"input": "i", "output": "o", "embed": {}, "sample": {"target": 5}}, "embed.model"),
+])
+def test_bad_configs_are_refused_naming_the_key(config, match):
+    from webcurate.curation.curate import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(config)
+
+
+def test_full_curate_on_s3_then_rerun_skips_every_step(s3_bucket, ray_local, tmp_path, capsys):
+    """embed (random-init ViT) -> dedup -> retrieve -> cluster -> sample -> export -> report, all on S3."""
+    from webcurate.curation.curate import run_curate
+    from webcurate.shards import storage
+
+    pool, seeds, out = f"{s3_bucket}/pool", f"{s3_bucket}/seeds", f"{s3_bucket}/curated"
+    # 30 pictures + 4 re-encoded copies of pictures 0..3 (planted near-duplicates), in 2 shards.
+    copies = {30 + i: i for i in range(4)}
+    keys = cd.write_dataset(pool, 34, shard_size=17, copies=copies)
+    cd.write_dataset(seeds, 3, shard_size=3, prefix="s")
+    config = tmp_path / "curate.yaml"
+    config.write_text(f"""
+input: {pool}
+output: {out}
+embed: {{model: vit_tiny_patch16_224, random_init: true, image_size: 32, batch_size: 16, dtype: float32}}
+dedup: {{method: copy, k: 8, threshold: 0.995}}
+retrieve: {{seeds: [{seeds}], k: 6}}
+cluster: {{levels: [6, 2], resampling_steps: 2}}
+sample: {{target: 8}}
+""")
+    res = run_curate(str(config), verbose=False)
+    steps = {s["step"]: s for s in res["steps"]}
+    assert [s["step"] for s in res["steps"]] == ["embed", f"embed {seeds}", "dedup", "retrieve", "cluster",
+                                                  "sample", "export", "report"]
+    assert all(s["outcome"] == "ran" for s in res["steps"])
+    ds = Dataset(pool)
+    for stage in ("embeddings", "dedup", "retrieve", "clusters", "sample"):
+        assert ds.sidecar_completed(stage) == [0, 1], stage
+    # Every planted copy lost against its original (or the other way round): one survivor per pair.
+    dd = {r["key"]: r for r in ds.read_sidecar("dedup").to_pylist()}
+    for copy, orig in copies.items():
+        assert dd[keys[copy]]["keep"] + dd[keys[orig]]["keep"] == 1
+    # Clustering worked on the retrieved samples; the sample is a subset of them.
+    retrieved = {r["key"] for r in ds.read_sidecar("retrieve").to_pylist() if r["selected"]}
+    sampled = {r["key"] for r in ds.read_sidecar("sample").to_pylist() if r["selected"]}
+    assert len(sampled) == min(8, len(retrieved)) and sampled <= retrieved
+    # Export: the sample, bytes identical, fields merged, parent recorded.
+    out_ds = Dataset(out)
+    assert out_ds.manifest["parent"] == pool
+    src = {s.key: s.image for sh in ds.completed_shards() for s in ds.iter_samples(sh)}
+    exported = {s.key: s for sh in out_ds.completed_shards() for s in out_ds.iter_samples(sh)}
+    assert set(exported) == sampled
+    for k, s in exported.items():
+        assert hashlib.sha256(s.image).digest() == hashlib.sha256(src[k]).digest()
+        assert s.meta["curation_selection"] == "sample" and s.meta["retrieval_selected"] is True
+        assert s.meta["retrieval_seed_dataset"] == seeds and "cluster_level_2" in s.meta
+    # Report on S3, with the stage sections.
+    assert res["report"] == f"{pool}/report.html"
+    page = storage.read_bytes(res["report"]).decode()
+    for sid in ("sec-overview", "sec-clusters", "sec-cluster-sizes", "sec-duplicates", "sec-retrieval"):
+        assert f'id="{sid}"' in page
+    assert "curate: " in capsys.readouterr().out  # the summary table
+
+    again = run_curate(str(config), verbose=False)
+    outcomes = {s["step"]: s["outcome"] for s in again["steps"]}
+    assert outcomes == {**{s: "complete already" for s in steps if s != "report"}, "report": "ran"}

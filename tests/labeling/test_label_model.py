@@ -1,0 +1,162 @@
+"""The label model: learns LF accuracies without labels, finds copying LFs,
+beats majority vote, gives calibrated and deterministic output."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from webcurate.curation.labeling.label_model import (
+    LabelModel, LabelModelError, MajorityVote, argmax_ties, check_label_matrix,
+)
+from webcurate.curation.labeling.synthetic import make_votes
+
+
+@pytest.fixture(scope="module")
+def bench_votes():
+    """The issue's synthetic benchmark: 20k items, classes [.4,.3,.2,.1], 10
+    LFs, LFs 8 and 9 copying LFs 0 and 1 on 80 % of the items."""
+    return make_votes(n=20_000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(bench_votes):
+    return LabelModel(4).fit(bench_votes.L)
+
+
+@pytest.fixture(scope="module")
+def fitted_ml(bench_votes):
+    """Plain maximum likelihood (no prior toward majority vote)."""
+    return LabelModel(4, prior_strength=0).fit(bench_votes.L)
+
+
+def _acc(pred, y):
+    cov = pred >= 0
+    return float((pred[cov] == y[cov]).mean())
+
+
+def test_recovers_known_lf_accuracies_with_copying_lfs(bench_votes, fitted_ml, fitted):
+    # Accuracies are learned from the votes alone; compare with the truth.
+    np.testing.assert_allclose(fitted_ml.lf_accuracies(), bench_votes.accuracies, atol=0.02)
+    np.testing.assert_allclose(fitted_ml.lf_coverages(), bench_votes.coverages, atol=0.01)
+    np.testing.assert_allclose(fitted_ml.class_balance, [0.4, 0.3, 0.2, 0.1], atol=0.015)
+    # The default prior toward majority vote shrinks them a little, no more.
+    np.testing.assert_allclose(fitted.lf_accuracies(), bench_votes.accuracies, atol=0.05)
+
+
+def test_finds_exactly_the_copying_pairs(bench_votes, fitted, fitted_ml):
+    for model in (fitted, fitted_ml):
+        links = {frozenset((d.child, d.parent)) for d in model.dependencies}
+        assert links == {frozenset((8, 0)), frozenset((9, 1))}
+
+
+def test_independent_model_overtrusts_copies_and_ours_does_not(bench_votes):
+    # Without links the copies inflate the learned accuracy of the copied
+    # pair; with links it is close to the truth.
+    plain = LabelModel(4, dependencies=False, prior_strength=0).fit(bench_votes.L)
+    err_plain = np.abs(plain.lf_accuracies() - bench_votes.accuracies)[[0, 1, 8, 9]].max()
+    ours = LabelModel(4, prior_strength=0).fit(bench_votes.L)
+    err_ours = np.abs(ours.lf_accuracies() - bench_votes.accuracies)[[0, 1, 8, 9]].max()
+    assert err_ours < 0.02 < err_plain
+
+
+def test_beats_majority_vote_on_the_synthetic_benchmark(bench_votes, fitted, fitted_ml):
+    y = bench_votes.y
+    assert _acc(fitted_ml.predict(bench_votes.L), y) >= _acc(fitted.predict(bench_votes.L), y) - 0.005
+    ours = _acc(fitted.predict(bench_votes.L), y)
+    mv = _acc(MajorityVote(4).fit(bench_votes.L).predict(bench_votes.L), y)
+    mv_random = _acc(MajorityVote(4, tie_break="random").fit(bench_votes.L).predict(bench_votes.L), y)
+    assert ours > mv + 0.015
+    assert mv >= mv_random  # deterministic prior tie-breaking is no worse than coin flips
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_beats_majority_vote_across_seeds(seed):
+    d = make_votes(n=20_000, seed=seed)
+    ours = _acc(LabelModel(4).fit(d.L).predict(d.L), d.y)
+    mv = _acc(MajorityVote(4).fit(d.L).predict(d.L), d.y)
+    assert ours > mv + 0.01
+
+
+def test_probabilities_are_calibrated(bench_votes, fitted):
+    P = fitted.predict_proba(bench_votes.L)
+    conf = P.max(axis=1)
+    correct = P.argmax(axis=1) == bench_votes.y
+    bins = np.clip((conf * 10).astype(int), 0, 9)
+    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+              for b in range(10) if (bins == b).any())
+    assert ece < 0.02
+
+
+def test_fit_is_deterministic_and_compression_changes_nothing(bench_votes):
+    L = bench_votes.L[:5000]
+    a = LabelModel(4).fit(L).predict_proba(L)
+    b = LabelModel(4).fit(L).predict_proba(L)
+    c = LabelModel(4, compress=False).fit(L).predict_proba(L)
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(a, c, atol=1e-9)
+
+
+def test_rows_without_votes_get_no_label_and_the_prior():
+    d = make_votes(n=3000, seed=3)
+    L = d.L.copy()
+    L[:10] = -1
+    m = LabelModel(4).fit(L)
+    assert (m.predict(L)[:10] == -1).all()
+    P = m.predict_proba(L[:10])
+    assert np.allclose(P, P[0])  # identical evidence, identical answer
+    assert m.predict(L[:10], abstain_if_no_votes=False)[0] == int(np.argmax(m.class_balance))
+
+
+def test_ties_go_to_the_larger_prior_then_the_lower_index():
+    P = np.array([[0.5, 0.5, 0.0], [0.2, 0.4, 0.4], [1 / 3, 1 / 3, 1 / 3]])
+    assert argmax_ties(P, np.array([0.2, 0.5, 0.3])).tolist() == [1, 1, 1]
+    assert argmax_ties(P, np.array([0.4, 0.3, 0.3])).tolist() == [0, 1, 0]
+    assert argmax_ties(P, None).tolist() == [0, 1, 0]
+    # Majority vote: a 1-1 tie between classes 0 and 2 goes to the more frequent class.
+    L = np.array([[0, 2, -1]] + [[2, 2, -1]] * 5 + [[0, 0, -1]] * 2)
+    mv = MajorityVote(3).fit(L)
+    assert mv.predict(L)[0] == 2
+    assert MajorityVote(3, tie_break="index").fit(L).predict(L)[0] == 0
+
+
+def test_given_class_balance_is_kept(bench_votes):
+    m = LabelModel(4, class_balance=[0.25, 0.25, 0.25, 0.25]).fit(bench_votes.L[:4000])
+    np.testing.assert_allclose(m.class_balance, 0.25)
+
+
+def test_dev_set_temperature_fixes_an_overconfident_model():
+    # Plain Dawid-Skene double counts the copies: overconfident. A temperature
+    # fitted on a labelled dev slice must raise T above 1 and lower dev NLL.
+    d = make_votes(n=20_000, seed=4, copies={5: 0, 6: 0, 7: 0, 8: 1, 9: 1}, copy_rate=0.9)
+    m = LabelModel(4, dependencies=False, prior_strength=0).fit(d.L)
+    dev = slice(0, 3000)
+
+    def nll():
+        P = m.predict_proba(d.L[dev])
+        return -np.log(P[np.arange(3000), d.y[dev]] + 1e-12).mean()
+
+    before = nll()
+    t = m.calibrate(d.L[dev], d.y[dev])
+    assert t > 1.0
+    assert nll() < before
+
+
+def test_saved_parameters_predict_the_same(bench_votes, fitted):
+    again = LabelModel.from_dict(fitted.to_dict())
+    L = bench_votes.L[:2000]
+    np.testing.assert_allclose(again.predict_proba(L), fitted.predict_proba(L), atol=1e-12)
+
+
+def test_out_of_range_vote_names_the_lf():
+    L = np.array([[0, 1], [1, 5]])
+    with pytest.raises(LabelModelError, match=r"LF `b` has vote 5, outside \[-1, 2\]"):
+        check_label_matrix(L, 3, ["a", "b"])
+    with pytest.raises(LabelModelError, match="LF `a` has vote -3"):
+        LabelModel(3).fit(np.array([[-3, 0]]), lf_names=["a", "b"])
+
+
+def test_all_lfs_abstaining_is_a_clear_error():
+    with pytest.raises(LabelModelError, match="all 3 LFs abstain on all 4 items"):
+        LabelModel(2).fit(np.full((4, 3), -1))
+    with pytest.raises(LabelModelError, match="all 3 LFs abstain"):
+        MajorityVote(2).fit(np.full((4, 3), -1))

@@ -1,0 +1,44 @@
+"""Fixtures for the shards tests: the loopback image server and image generators.
+
+The helper modules live beside this file and are loaded by path (pytest runs
+with --import-mode=importlib and tests/ is not a package).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name: str):
+    modname = f"webcurate_tests_shards_{name}"
+    if modname in sys.modules:
+        return sys.modules[modname]
+    spec = importlib.util.spec_from_file_location(modname, os.path.join(HERE, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def imagegen():
+    """The ``imagegen`` helper module (deterministic good and bad images)."""
+    return _load("imagegen")
+
+
+@pytest.fixture(scope="session")
+def http_server_mod():
+    """The ``http_server`` helper module (``ImageServer``, ``BAD_CASES``)."""
+    return _load("http_server")
+
+
+@pytest.fixture
+def image_server(http_server_mod):
+    """A started ``ImageServer`` on 127.0.0.1 with fast drip/hang settings; stopped after the test."""
+    with http_server_mod.ImageServer(drip_interval=0.2, hang_seconds=120) as srv:
+        yield srv

@@ -1,0 +1,74 @@
+"""Driver-side checks of `webcurate train` that need no training run (the run itself: test_resume.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from webcurate.pipeline.errors import ConfigError
+from webcurate.train.config import load_config, to_yaml
+
+
+def _fake_checkpoint(output: str, step: int = 2) -> None:
+    d = os.path.join(output, "train", f"checkpoint_{step:08d}")
+    os.makedirs(d)
+    for name in ("state.pt", "meta.json"):
+        open(os.path.join(d, name), "w").close()
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_dataset, tmp_path, train_helpers):
+    from webcurate.train.loop import train
+
+    out = str(tmp_path / "run")
+    _fake_checkpoint(out)
+    with pytest.raises(ConfigError, match="already holds a training run.*--resume"):
+        train(tiny_dataset, out, load_config(None, train_helpers.TINY))
+
+
+def test_resume_with_a_changed_recipe_is_refused(tiny_dataset, tmp_path, train_helpers):
+    from webcurate.train.loop import train
+
+    out = str(tmp_path / "run")
+    _fake_checkpoint(out)
+    with open(os.path.join(out, "train_config.yaml"), "w") as f:
+        f.write(to_yaml(load_config(None, train_helpers.TINY)))
+    changed = load_config(None, train_helpers.TINY + ["optim.base_lr=0.1", "run.max_steps=9"])
+    with pytest.raises(ConfigError, match=r"optim.base_lr: 0.004 -> 0.1"):
+        train(tiny_dataset, out, changed, resume=True)
+
+
+def test_dataset_smaller_than_a_batch_per_worker_is_a_clear_error(tiny_dataset, tmp_path, train_helpers):
+    from webcurate.train.loop import train
+
+    cfg = load_config(None, train_helpers.TINY + ["loader.batch_size=16"])  # 24 images / 2 workers = 12
+    with pytest.raises(ConfigError, match="24 samples: fewer than one batch of loader.batch_size=16"):
+        train(tiny_dataset, str(tmp_path / "run"), cfg)
+
+
+def test_local_crop_size_must_fit_the_patch_size(train_helpers):
+    from webcurate.train.loop import resolve_config
+
+    cfg = load_config(None, train_helpers.TINY + ["loader.local_size=20"])
+    with pytest.raises(ConfigError, match="local_size=20 is not a multiple of the patch size 8"):
+        resolve_config(cfg)
+
+
+def test_cli_reports_a_bad_override_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "webcurate.pipeline.cli", "train", "--data", str(tmp_path),
+                        "--output", str(tmp_path / "o"), "optim.bogus=1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: unknown option(s) in `optim`: bogus")
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_help_documents_every_option():
+    from click.testing import CliRunner
+
+    from webcurate.train.cli import train
+
+    out = CliRunner().invoke(train, ["--help"]).output
+    for opt in ("--data", "--output", "--config", "--max-steps", "--model", "--num-workers", "--resume",
+                "SECTION.KEY=VALUE"):
+        assert opt in out

@@ -1,0 +1,98 @@
+"""Training checkpoints: what a resumed run needs to continue exactly, and where they live.
+
+A checkpoint is a folder ``<output>/train/checkpoint_<step:08d>/`` written through
+Ray Train (``ray.train.report``) to the run's storage path (local or S3):
+
+- ``state.pt`` (rank 0; ``torch.load(weights_only=True)``-safe): ``format``,
+  ``step`` (optimiser steps done), ``data_epoch`` / ``data_batch`` (loader
+  position: epoch and batches already consumed in it), student and teacher
+  state dicts, optimizer state, DINO/iBOT centers, ``model_name`` /
+  ``model_kwargs``, the config;
+- ``rng-rank<r>.pt`` (every rank): torch (CPU and CUDA), numpy and Python RNG
+  states, since drop-path draws differ per worker;
+- ``meta.json``: step and positions, for people and listings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from .export import CHECKPOINT_FORMAT, STATE_FILE
+
+RUN_NAME = "train"  # Ray Train run name: checkpoints land in <output>/train/
+_CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{int(step):08d}"
+
+
+def list_checkpoints(output: str) -> list[tuple[int, str]]:
+    """``[(step, uri)]`` of complete checkpoints under a run output (or its ``train/`` folder), oldest first.
+
+    Complete = holds ``state.pt`` and ``meta.json`` (a folder cut short by a
+    crash during upload is skipped).
+    """
+    from webcurate.shards import storage
+
+    found: list[tuple[int, str]] = []
+    for base in (storage.join(output, RUN_NAME), output):
+        for e in storage.list_dir(base):
+            m = _CKPT_RE.match(e.name)
+            if not (m and e.is_dir):
+                continue
+            names = {x.name for x in storage.list_dir(e.uri)}
+            if STATE_FILE in names and "meta.json" in names:
+                found.append((int(m.group(1)), e.uri))
+        if found:
+            break
+    return sorted(found)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU/CUDA, numpy, Python)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def write_checkpoint(folder: str, *, rank: int, state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+    """Write this rank's part of a checkpoint into a local ``folder`` (rank 0 passes ``state``)."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save(rng_state(), os.path.join(folder, f"rng-rank{rank}.pt"))
+    if state is not None:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, os.path.join(folder, STATE_FILE))
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True, default=str)
+
+
+def read_checkpoint(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state, rng state of ``rank`` or None when that rank did not exist) from a local folder."""
+    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{folder} is not a webcurate training checkpoint")
+    rng_file = os.path.join(folder, f"rng-rank{rank}.pt")
+    # Our own file: it holds numpy/Python RNG tuples, which weights_only refuses.
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.exists(rng_file) else None
+    return state, rng
+
+
+__all__ = ["RUN_NAME", "checkpoint_dir_name", "list_checkpoints", "rng_state", "set_rng_state",
+           "write_checkpoint", "read_checkpoint"]
