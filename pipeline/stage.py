@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from webcurate.shards import manifest as manifest_mod
-from webcurate.shards.dataset import Dataset
 
 from .progress import print_summary, progress_bar
 from .ray_runtime import init_ray
+
+if TYPE_CHECKING:  # the dataset module imports webdataset -> torch: not for every task
+    from webcurate.shards.dataset import Dataset
 
 # Exceptions worth retrying: transient I/O. Anything else fails the shard at once.
 RETRYABLE = (OSError, ConnectionError, TimeoutError)
@@ -133,7 +135,7 @@ def _call_with_shared_kwargs(fn: Callable[..., dict[str, Any]]):
 
 
 def run_sidecar_stage(
-    dataset: Dataset,
+    dataset: "Dataset",
     stage: str,
     fn: Callable[..., dict[str, Any]],
     parameters: dict[str, Any],

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import layout, manifest as manifest_mod, storage
-from .dataset import Dataset, DatasetError
+from .errors import DatasetError
 from .download import FetchFailed, FetchOptions, fetch
 from .image_ops import ImageOptions, ImageRejected, process_image
 from .inputs import extra_columns, is_url_list, read_folder, read_url_list
@@ -144,6 +144,8 @@ def ingest_table(
     n = table.num_rows
     num_shards = max(1, -(-n // shard_size))
     params = dict(stage_params, shard_size=shard_size, image=dataclasses.asdict(image_opts), num_inputs=n)
+    from .dataset import Dataset
+
     existing = _check_existing(output, "shard", params)
     if existing is None:
         m = manifest_mod.new("shard", params, parent=None, num_shards=num_shards)
@@ -180,6 +182,8 @@ def mark_cross_shard_duplicates(root: str) -> int:
     later ones get status ``duplicate`` and ``duplicate_of`` in the index
     (their bytes stay in the tar, readers go by the index). Idempotent.
     """
+    from .dataset import Dataset
+
     ds = Dataset(root)
     first: dict[str, str] = {}
     marked = 0

@@ -17,8 +17,14 @@ with a learned dependency forest between LFs:
   minimum effect size), then the model is refitted; a few rounds at most;
 - the class balance is estimated (or fixed when given);
 - a Dirichlet prior centred on each LF's confusion table against majority
-  vote (``prior_strength``) keeps EM from explaining agreement among weak,
-  correlated LFs with latent groups that are not the classes;
+  vote, and on majority vote's class balance (``prior_strength``), keeps EM
+  from explaining agreement among weak, correlated LFs with latent groups
+  that are not the classes, or from draining the classes into one;
+- the smoothing pseudo-counts of a table are shaped like the LF's observed
+  output distribution, not spread uniformly over the cells: add-one per cell
+  charges every class for the codes a one-class LF never emits, much more
+  in relative terms for a class with little mass, which made EM put 0.97 of
+  the balance on one class with 10 one-class keyword LFs on 320 items;
 - everything is deterministic: initialisation from majority vote, no random
   restarts, ties broken by the class prior then the lowest class index;
 - probabilities are the model's posteriors (calibrated when the model
@@ -158,8 +164,10 @@ class LabelModel:
     class_balance: (K,) fixed class prior; estimated by EM when None.
     dependencies: learn links between LFs that copy each other (True) or
         assume conditional independence (False, plain Dawid-Skene).
-    smoothing: Dirichlet pseudo-count per table cell (independent tables) /
-        per row (linked tables, toward the LF's independent distribution).
+    smoothing: Dirichlet pseudo-counts, K+1 times this per class column of an
+        independent table, distributed like the LF's observed output
+        distribution / per row of a linked table (toward the LF's independent
+        distribution).
     min_dependency: smallest per-item KL (nats) a pair's misfit must reach to
         be linked, on top of the BIC threshold (guards huge-n trivia).
     max_rounds: rounds of (find links, refit).
@@ -207,6 +215,8 @@ class LabelModel:
         self.prior_strength = float(prior_strength)
         self._anchor: list[np.ndarray] | None = None
         self._anchor_mass = 0.0
+        self._anchor_balance = np.full(self.K, 1.0 / self.K)
+        self._base: list[np.ndarray] = []
         self.temperature = 1.0
         self.m = 0
         self.parents: list[int] = []
@@ -269,7 +279,12 @@ class LabelModel:
             for y in range(self.K):
                 counts[:, y] = np.bincount(c, weights=qw[y], minlength=size)
             if p < 0:
-                counts += self.smoothing
+                # Pseudo-counts shaped like the LF's own output distribution,
+                # not uniform over cells: uniform add-one charges every class
+                # for codes the LF never emits, far more in relative terms for
+                # a class with little mass, and EM then pours everything into
+                # one class (10 one-class keyword LFs on a few hundred items).
+                counts += self._base[j][:, None] * (self.smoothing * K1)
                 if self._anchor is not None and self.prior_strength > 0:
                     counts += self._anchor[j] * (self.prior_strength * self._anchor_mass / self.K)
                 probs = counts / counts.sum(axis=0, keepdims=True)
@@ -284,11 +299,19 @@ class LabelModel:
         self.tables = tables
         if self._anchor is None and self.prior_strength > 0:
             # The first M-step runs on majority-vote soft labels: its tables
-            # are the prior's centre for every later step.
+            # and class balance are the prior's centre for every later step.
             self._anchor = [np.exp(t) for t in tables]
             self._anchor_mass = float(qw.sum())
+            mv = qw.sum(axis=1) + 1.0
+            self._anchor_balance = mv / mv.sum()
         if self.fixed_balance is None:
+            # Dirichlet prior on the balance, centred on majority vote's class
+            # frequencies with the tables' weight (prior_strength x items):
+            # EM cannot drain classes into one because that explains the
+            # votes a little better (the collapse seen with many one-class LFs).
             pi = qw.sum(axis=1) + 1.0
+            if self._anchor is not None and self.prior_strength > 0:
+                pi = pi + self._anchor_balance * (self.prior_strength * self._anchor_mass)
             self.log_pi = np.log(pi / pi.sum())
         else:
             self.log_pi = np.log(self.fixed_balance)
@@ -311,6 +334,16 @@ class LabelModel:
             prev = cur
         self.log_likelihood = cur
         return q
+
+    def _marginals(self, codes: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
+        """Each LF's observed output distribution (K+1,), add-one smoothed over
+        the items so a code never seen keeps a small, not zero, probability."""
+        K1 = self.K + 1
+        out = []
+        for j in range(codes.shape[0]):
+            c = np.bincount(codes[j], weights=w, minlength=K1) + 1.0
+            out.append(c / c.sum())
+        return out
 
     def _mv_init(self, L: np.ndarray) -> np.ndarray:
         """Majority-vote soft labels (K, n): vote shares (ties split); no votes: uniform."""
@@ -343,6 +376,7 @@ class LabelModel:
         self.indep_probs = []
         self._anchor, self._anchor_mass = None, 0.0
         codes = self._codes(U)
+        self._base = self._marginals(codes, w)
         q = self._em(codes, w, self._mv_init(U))
         self.indep_probs = [np.exp(t) for t in self.tables]
         if self.dependencies_enabled and self.m > 1:

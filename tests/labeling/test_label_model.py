@@ -160,3 +160,38 @@ def test_all_lfs_abstaining_is_a_clear_error():
         LabelModel(2).fit(np.full((4, 3), -1))
     with pytest.raises(LabelModelError, match="all 3 LFs abstain"):
         MajorityVote(2).fit(np.full((4, 3), -1))
+
+
+def _one_class_keyword_votes(n: int, seed: int, K: int = 10, dense=((0.95, 0.5), (0.9, 0.5))):
+    """The demo's LF set: K caption-keyword LFs that each vote only their own
+    class (coverage 0.6 of that class, precision ~0.9) and dense LFs voting
+    over all classes with ~50 % accuracy (wrong votes uniform); classes uniform."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, K, n)
+    L = np.full((n, K + len(dense)), -1, dtype=np.int16)
+    false_fire = 0.6 / 9 / (K - 1)  # precision 0.9 with uniform classes
+    for c in range(K):
+        L[rng.random(n) < np.where(y == c, 0.6, false_fire), c] = c
+    for j, (cov, acc) in enumerate(dense):
+        votes = rng.random(n) < cov
+        vote = np.where(rng.random(n) < acc, y, (y + rng.integers(1, K, n)) % K)
+        L[votes, K + j] = vote[votes]
+    return L, y
+
+
+@pytest.mark.parametrize("n,seed,dense", [(320, 0, ((0.95, 0.5), (0.9, 0.5))),
+                                          (500, 1, ((0.45, 0.6), (0.57, 0.4))),
+                                          (2000, 2, ((0.95, 0.5), (0.9, 0.5)))])
+def test_many_one_class_lfs_on_few_items_do_not_collapse_the_classes(n, seed, dense):
+    # Regression: with add-one smoothing over every table cell, a class with
+    # little mass paid for the 9 codes a one-class keyword LF never emits, so
+    # EM drained all items into one class (balance 0.97, accuracy ~0.1 where
+    # majority vote gets ~0.67) on a few hundred items.
+    L, y = _one_class_keyword_votes(n, seed, dense=dense)
+    m = LabelModel(10).fit(L)
+    ours = _acc(m.predict(L), y)
+    mv = _acc(MajorityVote(10).fit(L).predict(L), y)
+    assert ours >= mv - 0.01
+    assert m.class_balance.max() < 0.5
+    np.testing.assert_allclose(m.class_balance, 0.1, atol=0.06)
+    assert np.array_equal(LabelModel(10).fit(L).predict_proba(L), m.predict_proba(L))  # deterministic

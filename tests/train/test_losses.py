@@ -125,6 +125,13 @@ def test_sinkhorn_equals_reference_for_typical_logits(temp):
     assert torch.allclose(sinkhorn_knopp(logits, temp), ref_sinkhorn_knopp(logits, temp), atol=TOL)
 
 
+def test_sinkhorn_log_domain_path_equals_reference():
+    # A spread of logits / temp of ~75 takes the log-sum-exp path; the reference is still finite here.
+    logits = 1.5 * torch.tanh(fixed((32, 256), 11))
+    assert (logits.max() - logits.min()) / 0.04 > 60
+    assert torch.allclose(sinkhorn_knopp(logits, 0.04), ref_sinkhorn_knopp(logits, 0.04), atol=TOL)
+
+
 def test_sinkhorn_stays_finite_and_exact_where_the_reference_overflows():
     # Cosine-like logits plus a constant: / 0.04 the scores reach ~275 and exp overflows float32.
     logits = torch.tanh(fixed((16, 128), 4)) + 10.0

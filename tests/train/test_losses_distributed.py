@@ -18,7 +18,8 @@ WORKER = textwrap.dedent("""
     data = torch.load(f"{tmp}/inputs.pt")
     dino = data["dino"].chunk(2)[rank]
     ibot = data["ibot"][:10] if rank == 0 else data["ibot"][10:]  # unequal masked-patch counts
-    out = {"dino_sk": sinkhorn_knopp(dino, 0.05, 3), "ibot_sk": sinkhorn_knopp(ibot, 0.05, 3)}
+    out = {"dino_sk": sinkhorn_knopp(dino, 0.05, 3), "ibot_sk": sinkhorn_knopp(ibot, 0.05, 3),
+           "wide_sk": sinkhorn_knopp(data["wide"].chunk(2)[rank], 0.04, 3)}  # the log-domain path
     dl = DINOLoss(dino.shape[1]); dl.update_center(dino); out["dino_center"] = dl.center
     il = iBOTPatchLoss(ibot.shape[1]); il.update_center(ibot if rank == 0 else ibot[:0]); out["ibot_center"] = il.center
     torch.save(out, f"{tmp}/out{rank}.pt")
@@ -31,7 +32,8 @@ def test_sinkhorn_and_centers_over_two_gloo_workers_equal_single_process(tmp_pat
     g = torch.Generator().manual_seed(0)
     dino = torch.tanh(torch.randn(12, 48, generator=g))
     ibot = torch.tanh(torch.randn(13, 48, generator=g))
-    torch.save({"dino": dino, "ibot": ibot}, tmp_path / "inputs.pt")
+    wide = torch.randn(12, 48, generator=g) * 40.0
+    torch.save({"dino": dino, "ibot": ibot, "wide": wide}, tmp_path / "inputs.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(tmp_path)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
@@ -42,6 +44,7 @@ def test_sinkhorn_and_centers_over_two_gloo_workers_equal_single_process(tmp_pat
 
     assert torch.allclose(torch.cat([r0["dino_sk"], r1["dino_sk"]]), sinkhorn_knopp(dino, 0.05, 3), atol=1e-6)
     assert torch.allclose(torch.cat([r0["ibot_sk"], r1["ibot_sk"]]), sinkhorn_knopp(ibot, 0.05, 3), atol=1e-6)
+    assert torch.allclose(torch.cat([r0["wide_sk"], r1["wide_sk"]]), sinkhorn_knopp(wide, 0.04, 3), atol=1e-6)
 
     single = DINOLoss(48)
     single.update_center(dino)

@@ -2,11 +2,20 @@
 
 Same algorithm as DINOv2's ``sinkhorn_knopp_teacher`` (normalise the whole
 matrix, then ``n_iterations`` times: rows to 1/K, columns to 1/B; return
-columns scaled to sum to 1), but every normalisation is a log-sum-exp that
-subtracts the max before exponentiating. The reference exponentiates
-``logits / temp`` directly, which overflows float32 to inf (then NaN) once a
-logit exceeds ~88 x temp (3.5 at temp 0.04); here the result stays finite for
-any finite input and equals the reference wherever the reference is finite.
+columns scaled to sum to 1), but the global max is subtracted before
+exponentiating. The reference exponentiates ``logits / temp`` directly, which
+overflows float32 to inf (then NaN) once a logit exceeds ~88 x temp (3.5 at
+temp 0.04). The shift is a constant factor that the first normalisation
+cancels, so the result equals the reference wherever the reference is finite.
+
+Two paths, chosen by the spread of ``logits / temp`` over all workers:
+
+- spread <= 60 (the usual case: a weight-normalised head gives logits in
+  [-1, 1] x gain): exponentiate once and normalise in place, as the reference;
+  nothing can underflow (exp(-60) / (B K) stays far above float32's tiny);
+- wider: every normalisation becomes a log-sum-exp (max subtracted first), so
+  even prototypes or samples far below the max keep finite, exact weights
+  where a plain exp would flush them to 0 and divide 0 by 0.
 
 Across workers, the totals and per-prototype row sums are all-reduced (max
 then sum), and B is the number of samples over all workers, so every worker
@@ -19,6 +28,9 @@ import math
 import torch
 
 from ._dist import all_reduce_
+
+
+_FAST_SPREAD = 60.0  # max - min of logits / temp below which a single exp cannot underflow
 
 
 def _global_logsumexp(x: torch.Tensor, dim: int | None) -> torch.Tensor:
@@ -53,9 +65,29 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         (B, K) float32 targets; each row sums to 1 and, over all workers, each
         prototype receives about B_total / K of the mass.
     """
-    logq = (teacher_logits.float() / teacher_temp).t()  # (K, B): the paper's orientation
-    K, b_local = logq.shape
-    B = all_reduce_(torch.tensor([float(b_local)], device=logq.device)).item()
+    x = teacher_logits.float()
+    b_local, K = x.shape
+    # One all_reduce for the sample count and the global max / min (max of -min).
+    stats = torch.tensor([float(b_local), float("-inf"), float("-inf")], device=x.device)
+    if x.numel():
+        stats[1], stats[2] = x.max(), -x.min()
+    counts = all_reduce_(stats[:1].clone())
+    hi_lo = all_reduce_(stats[1:].clone(), op="max")
+    B = counts.item()
+    hi, spread = hi_lo[0], (hi_lo[0] + hi_lo[1]) / teacher_temp
+    if B == 0:
+        return x.new_zeros(x.shape)
+    if spread.item() <= _FAST_SPREAD:
+        q = ((x - hi) / teacher_temp).exp_().t()  # (K, B); the shift cancels in the first normalisation
+        q /= all_reduce_(q.sum().reshape(1))
+        for _ in range(n_iterations):
+            q /= all_reduce_(q.sum(dim=1, keepdim=True))  # each prototype row: 1/K over all workers
+            q /= K
+            q /= q.sum(dim=0, keepdim=True)  # each sample column: 1/B
+            q /= B
+        q *= B
+        return q.t()
+    logq = (x / teacher_temp).t()  # (K, B): the paper's orientation
     log_k, log_b = math.log(K), math.log(max(B, 1.0))
     logq = logq - _global_logsumexp(logq, None)  # whole matrix sums to 1
     for _ in range(n_iterations):
