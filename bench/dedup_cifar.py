@@ -103,7 +103,8 @@ def pixel_vectors(items: list[tuple[str, bytes, str]]) -> np.ndarray:
     return x
 
 
-def pair_scores(x: np.ndarray, orig: np.ndarray, copy: np.ndarray, thresholds: list[float], k: int) -> list[dict]:
+def pair_scores(x: np.ndarray, orig: np.ndarray, copy: np.ndarray, kinds: np.ndarray, thresholds: list[float],
+                k: int) -> list[dict]:
     """Planted-pair precision / recall of kNN-graph components at each threshold."""
     from webcurate.curation.unionfind import connected_components
     from webcurate.curation.vectors import knn_edges
@@ -124,8 +125,9 @@ def pair_scores(x: np.ndarray, orig: np.ndarray, copy: np.ndarray, thresholds: l
         extra = int((in_group & ~planted).sum())
         tp = int(found.sum())
         precision = tp / removed if removed else 1.0
+        by_kind = {kd: float(found[kinds == kd].mean()) for kd in VARIANTS}
         out.append({"threshold": t, "recall": found.mean(), "precision": min(precision, 1.0),
-                    "removed": removed, "non_planted_in_groups": extra, "tp": tp})
+                    "removed": removed, "non_planted_in_groups": extra, "tp": tp, "by_kind": by_kind})
     return out
 
 
@@ -134,6 +136,8 @@ def main() -> None:
     ap.add_argument("--originals", type=int, default=None, help="train photos used (default: all 50,000)")
     ap.add_argument("--planted", type=int, default=2000, help="near-duplicates planted")
     ap.add_argument("--model", default="convnext_atto")
+    ap.add_argument("--checkpoint", default=None,
+                    help="embed with this `webcurate train` checkpoint/export instead of random-init weights")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="5,000 photos + 250 planted")
@@ -165,6 +169,7 @@ def main() -> None:
     copies = sorted((n for n, _, _ in items if n.startswith("planted/")))
     copy = np.array([pos[c] for c in copies], dtype=np.int64)
     orig = np.array([pos[c.split("/", 2)[2]] for c in copies], dtype=np.int64)
+    kinds = np.array([c.split("/", 2)[1] for c in copies])
     print(f"# dedup_cifar: {n0:,} CIFAR-10 train photos + {args.planted:,} planted near-duplicates "
           f"({', '.join(VARIANTS)}); read in {time.time() - t:.1f}s")
 
@@ -176,10 +181,12 @@ def main() -> None:
     print(f"write shards: {time.time() - t:.1f}s")
 
     t = time.time()
-    emb_res = run_embed(root, args.model, random_init=True, image_size=args.image_size, batch_size=256,
-                        summary=False)
+    emb_res = run_embed(root, args.model, random_init=args.checkpoint is None, checkpoint=args.checkpoint,
+                        image_size=args.image_size, batch_size=256, summary=False)
     embed_s = time.time() - t
-    print(f"embed ({args.model}, RANDOM-INIT weights, {args.image_size}px): {embed_s:.1f}s, "
+    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM-INIT weights"
+    ours = f"ours: {emb_res['model']} ({'checkpoint' if args.checkpoint else 'random-init'})"
+    print(f"embed ({emb_res['model']}, {weights}, {args.image_size}px): {embed_s:.1f}s, "
           f"{len(items) / embed_s:.0f} images/s, counts {emb_res['counts']}")
     emb = read_embeddings(root)
     key_pos = {k: i for i, k in enumerate(emb.keys)}
@@ -191,9 +198,9 @@ def main() -> None:
 
     thresholds = [0.6, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
     rows = []
-    for name, x in (("ours: random-init " + args.model, x_ours), ("peer: raw pixels", x_pix)):
+    for name, x in ((ours, x_ours), ("peer: raw pixels", x_pix)):
         t = time.time()
-        for r in pair_scores(x, orig, copy, thresholds, args.k):
+        for r in pair_scores(x, orig, copy, kinds, thresholds, args.k):
             rows.append((name, r))
         print(f"{name}: kNN graph + components at {len(thresholds)} thresholds in {time.time() - t:.1f}s")
 
@@ -222,12 +229,14 @@ def main() -> None:
     e2e_recall = float(np.mean([keeper(o) == keeper(c) for o, c in zip(orig, copy)]))
 
     print()
-    print("| embeddings | threshold | planted-pair recall | precision | removed | non-planted samples in groups |")
-    print("|---|---|---|---|---|---|")
+    print("| embeddings | threshold | planted-pair recall | recall quality / crop / resize | precision | removed "
+          "| non-planted samples in groups |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['threshold']} | {r['recall']:.3f} | {r['precision']:.3f} | {r['removed']:,} | "
+        bk = " / ".join(f"{r['by_kind'][kd]:.2f}" for kd in VARIANTS)
+        print(f"| {name} | {r['threshold']} | {r['recall']:.3f} | {bk} | {r['precision']:.3f} | {r['removed']:,} | "
               f"{r['non_planted_in_groups']:,} |")
-    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | {ex['counts']['removed']:,} | - |")
+    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | - | {ex['counts']['removed']:,} | - |")
     print()
     print(f"run_dedup end to end (copy, k={args.k}, threshold {best['threshold']}, {res['index']} index): "
           f"{dedup_s:.1f}s, removed {res['counts']['removed']:,}, planted-pair recall {e2e_recall:.3f}; "

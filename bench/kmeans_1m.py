@@ -76,8 +76,7 @@ def peak_rss_mb() -> float:
 
 def run_side(side: str, data: str, levels: list[int], seed: int) -> dict:
     """Cluster the pool in this process; returns timings, memory and labels file."""
-    X = np.load(os.path.join(data, "X.npy"), mmap_mode="r")
-    X = np.ascontiguousarray(X)  # read fully: both sides start from the array in memory
+    X = np.load(os.path.join(data, "X.npy"))  # read fully: both sides start from the array in memory
     base = peak_rss_mb()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = ru0.ru_utime + ru0.ru_stime

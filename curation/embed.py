@@ -267,7 +267,7 @@ def run_embed(
     actor_cpus = 1.0 if num_gpus > 0 else float(max(1, min(int(cpus // concurrency), int(max_node_cpus()))))
 
     image_size = info.image_size  # a checkpoint may fix its own input size
-    parameters = {"model": model, "weights_sha256": info.weights_sha256, "weights_source": info.source,
+    parameters = {"model": info.model, "weights_sha256": info.weights_sha256, "weights_source": info.source,
                   "image_size": int(image_size), "dtype": dtype}
     manifest_mod.record_stage(dataset.root, STAGE, parameters, **info.as_dict(), dtype=dtype)
     dataset.reload()
@@ -335,11 +335,11 @@ def run_embed(
     manifest_mod.record_stage(dataset.root, STAGE, parameters, finished=manifest_mod.now_iso())
     dataset.reload()
     if summary:
-        print_summary(result, title=f"embed {model} ({info.dim}-d, {info.source}): {dataset.root}")
+        print_summary(result, title=f"embed {info.model} ({info.dim}-d, {info.source}): {dataset.root}")
     raise_if_failed(result)
     counts = result.counts
     return {
-        "stage": STAGE, "root": dataset.root, "model": model, "dim": info.dim,
+        "stage": STAGE, "root": dataset.root, "model": info.model, "dim": info.dim,
         "weights_sha256": info.weights_sha256, "weights_source": info.source, "dtype": dtype,
         "counts": counts, "shards_done": sorted(result.done), "shards_skipped": sorted(result.skipped),
         "shards_failed": dict(result.failed), "seconds": round(result.seconds, 3),

@@ -7,7 +7,12 @@ Each area registers its commands from its own ``cli`` module (listed in
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# faiss/OpenMP threads spin while idle by default, which starves Ray workers
+# and data loading on small machines; must be set before faiss loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 

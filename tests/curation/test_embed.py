@@ -173,6 +173,17 @@ def test_embed_reads_an_s3_dataset_with_s3_weights(s3_bucket, ray_local, search_
     sims = emb.vectors @ emb.vectors[0]
     assert sims[emb.keys.index("copy")] > 0.9 > float(np.max(sims[1:5]))
 
+    # dedup and retrieve read and write their sidecars on S3 just the same.
+    from webcurate.curation.dedup import run_dedup
+    from webcurate.curation.retrieve import run_retrieve
+
+    run_dedup(root, threshold=0.9, k=4, summary=False)
+    rows = {r["key"]: r for r in Dataset(root).read_sidecar("dedup").to_pylist()}
+    assert not rows["copy"]["keep"] and rows["copy"]["duplicate_of"] == "k0"
+    assert sum(r["keep"] for r in rows.values()) == 5
+    res = run_retrieve(root, [root], k=1, summary=False)  # each kept sample finds itself
+    assert res["counts"]["selected"] == 5 and Dataset(root).sidecar_completed("retrieve") == [0, 1, 2]
+
 
 def test_checkpoint_export_of_our_training_loads_with_its_own_architecture_and_size(tmp_path):
     import timm

@@ -131,6 +131,8 @@ _FAST_FAILURE_DETECTION = {
     "RAY_health_check_period_ms": "1000",
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
+    # A loaded 2-core machine can take over the default 10 s to register a raylet.
+    "RAY_raylet_start_wait_time_s": "180",
 }
 
 
