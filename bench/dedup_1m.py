@@ -33,6 +33,10 @@ import time
 
 import numpy as np
 
+# OpenMP threads (faiss) spin while idle by default, which starves everything else on a
+# small shared machine; the CLI sets the same. Must be set before faiss loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def make_vectors(n: int, d: int, pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, D) float32 normalised: N - pairs base vectors + pairs copies; returns x, orig ids, copy ids."""

@@ -37,6 +37,10 @@ import time
 
 import numpy as np
 
+# OpenMP threads (faiss) spin while idle by default, which starves everything else on a
+# small shared machine; the CLI sets the same. Must be set before faiss loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10.tar.gz")
 VARIANTS = ("quality", "crop", "resize")
 

@@ -224,13 +224,15 @@ def run_dedup(
     keep: str = "largest",
     n_clusters: int | None = None,
     index: str = "auto",
+    nprobe: int | None = None,
     seed: int = 0,
     summary: bool = True,
 ) -> dict[str, Any]:
     """Deduplicate dataset ``input`` and write its ``dedup`` sidecar.
 
     See the module docstring for methods and columns. ``index`` forces the
-    kNN index (auto|flat|ivf); ``n_clusters`` sets SemDeDup's k-means size
+    kNN index (auto|flat|ivf) and ``nprobe`` sets how many IVF cells each
+    sample searches (default 10: more finds more, slower); ``n_clusters`` sets SemDeDup's k-means size
     (default N/1000). Returns counts (total, kept, removed, per reason),
     components, edges and seconds. Re-running with the same parameters on
     the same embeddings does nothing; parts missing after a killed run are
@@ -269,7 +271,7 @@ def run_dedup(
     timings: dict[str, float] = {"load": round(time.time() - t0, 3)}
     parameters: dict[str, Any] = {
         "method": method, "keep": keep, "samples": n,
-        **({"k": k, "threshold": threshold, "index": index} if method == "copy" or against else {}),
+        **({"k": k, "threshold": threshold, "index": index, "nprobe": nprobe} if method == "copy" or against else {}),
         **({"eps": eps, "n_clusters": n_clusters} if method == "semdedup" else {}),
         **({"against": against, "against_threshold": against_threshold} if against else {}),
         **({"embeddings": emb.fingerprint()} if emb is not None else {}),
@@ -324,10 +326,10 @@ def run_dedup(
     if method in ("copy", "semdedup"):
         live = keep_mask[emb_pos]
         sub_pos = emb_pos[live]
-        xs = np.ascontiguousarray(emb_vec[live])
+        xs = emb_vec if live.all() else np.ascontiguousarray(emb_vec[live])  # no copy when all are still in
         sub_rank = rank[sub_pos]
         if method == "copy":
-            cr = copy_dedup(xs, sub_rank, k=k, threshold=threshold, index_kind=index, seed=seed)
+            cr = copy_dedup(xs, sub_rank, k=k, threshold=threshold, index_kind=index, nprobe=nprobe, seed=seed)
             d_sub, s_sub = cr.dup_of, cr.similarity
             info.update(edges=cr.edges, components=int(len(np.unique(cr.labels))), index=cr.index_kind)
             timings.update(cr.timings)
@@ -370,7 +372,8 @@ def run_dedup(
         hit = best > against_threshold
         if graph is None:
             # Components need the pool's own near-duplicate graph; exact pairs join it too.
-            src, dst, _ = vectors.knn_edges(np.ascontiguousarray(emb_vec), k, threshold)
+            src, dst, _ = vectors.knn_edges(np.ascontiguousarray(emb_vec), k, threshold,
+                                            choice=vectors.choose_index(len(emb_vec), kind=index, nprobe=nprobe))
             graph = (src, dst)
         src, dst = graph
         # Exact duplicates share a component with the sample they duplicate.

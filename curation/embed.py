@@ -20,6 +20,7 @@ Rows are in tar order, so identical inputs give identical parts.
 from __future__ import annotations
 
 import io
+import logging
 import time
 import warnings
 from typing import Any, Iterator
@@ -253,6 +254,8 @@ def run_embed(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # "progress bars disabled", "finished in Ns"
     if num_gpus > 0 and cluster_gpus() < num_gpus:
         warnings.warn(f"--num-gpus {num_gpus} asked for but the Ray cluster has {cluster_gpus():g} GPUs; "
                       "embedding on CPU", stacklevel=2)

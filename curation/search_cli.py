@@ -64,12 +64,15 @@ def embed_cmd(input_, model, weights, checkpoint, random_init, image_size, batch
               help="Which sample of a duplicate group survives: most pixels, or smallest key.")
 @click.option("--index", type=click.Choice(["auto", "flat", "ivf"]), default="auto", show_default=True,
               help="kNN index: exact flat search, IVF, or auto (flat up to 30k samples).")
-def dedup_cmd(input_, method, against, k, threshold, against_threshold, eps, n_clusters, keep, index):
+@click.option("--nprobe", default=None, type=int,
+              help="IVF cells each sample searches [default: 10]; more finds more near-duplicates, slower.")
+def dedup_cmd(input_, method, against, k, threshold, against_threshold, eps, n_clusters, keep, index, nprobe):
     """Decide which samples to keep; writes DATASET/dedup/ (keep, duplicate_of, similarity, reason)."""
     from .dedup import run_dedup
 
     run_dedup(input_, method=method, k=k, threshold=threshold, against=list(against),
-              against_threshold=against_threshold, eps=eps, keep=keep, n_clusters=n_clusters, index=index)
+              against_threshold=against_threshold, eps=eps, keep=keep, n_clusters=n_clusters, index=index,
+              nprobe=nprobe)
 
 
 @click.command("retrieve")

@@ -187,6 +187,9 @@ class IndexChoice:
     train_size: int = 0
 
 
+# Queries per IVF search block handed to one thread (cell-ordered, so a block
+# revisits the same cells while they are in cache).
+IVF_QUERY_BLOCK = 4096
 # IVF k-means for the cells: Lloyd iterations and training points per cell.
 IVF_NITER = 10
 IVF_TRAIN_PER_LIST = 20
@@ -309,10 +312,26 @@ def _self_knn_chunks(x: np.ndarray, kk: int, choice: IndexChoice, seed: int, tim
                         np.ascontiguousarray(cell_i[start:start + 262_144, 0]))
     timings["ivf_assign_add"] = time.time() - t
     order = np.argsort(cell_i[:, 0], kind="stable")
-    for start in range(0, n, SEARCH_CHUNK):
-        rows = order[start:start + SEARCH_CHUNK]
+    # search_preassigned() runs on one core (faiss only splits queries over
+    # threads in search()). Python threads each take the next block of queries
+    # (faiss releases the GIL): all cores work, and a core another process
+    # holds just takes fewer blocks instead of stalling an OpenMP barrier.
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(rows: np.ndarray):
         s, i = index.search_preassigned(np.ascontiguousarray(x[rows]), kk, cell_i[rows], cell_d[rows])
-        yield rows, s, i
+        return rows, s, i
+
+    workers = max(1, faiss.omp_get_max_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for start in range(0, n, IVF_QUERY_BLOCK):
+            pending.append(pool.submit(run, order[start:start + IVF_QUERY_BLOCK]))
+            if len(pending) >= 2 * workers:  # bounded results in flight
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def knn_edges(

@@ -8,7 +8,7 @@ import click
 @click.option("--data", required=True, metavar="URI",
               help="Dataset to train on: a folder or s3:// prefix made by `webcurate shard` (or a curated export).")
 @click.option("--output", required=True, metavar="URI",
-              help="Where checkpoints (train/checkpoint_*), metrics.jsonl, train_config.yaml and "
+              help="Where checkpoints (train/checkpoint_*), per-step metrics (metrics/*.jsonl), train_config.yaml and "
                    "backbone.safetensors go: a folder or s3:// prefix.")
 @click.option("--config", "config_path", default=None, metavar="YAML",
               help="Training config (sections model, dino, ibot, teacher, optim, run, loader); "

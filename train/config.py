@@ -110,7 +110,7 @@ class RunConfig:
     max_steps: int | None = None  # stop after this global step (schedules keep their length)
     epoch_length: int | None = None  # steps per epoch; None: from the dataset size
     log_every: int = 1  # print a log line every N steps (rank 0)
-    report_every: int = 50  # ray.train.report (~2 s each) and metrics.jsonl flush every N steps
+    report_every: int = 50  # ray.train.report (~2 s each) and a metrics/ part every N steps
     checkpoint_every: int = 500  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 3
     seed: int = 0

@@ -13,8 +13,9 @@ Outputs under ``--output`` (local folder or ``s3://``; Ray's storage path):
 - ``train/checkpoint_<step>/``: state.pt (+ per-rank RNG), every
   ``run.checkpoint_every`` steps and at the end; the last ``run.keep_checkpoints``
   are kept;
-- ``metrics.jsonl``: one record per step (losses, lr, wd, momentum, teacher
-  temp, img/s, collapse monitors, a digest of each worker's batch);
+- ``metrics/<first>-<last>.jsonl``: one record per step (losses, lr, wd,
+  momentum, teacher temp, img/s, collapse monitors, a digest of each worker's
+  batch), one part per report; ``read_metrics(output)`` joins them;
 - ``train_config.yaml``: the resolved config; ``backbone.safetensors``: the
   teacher backbone at the end (stock-timm loadable, see ``export``).
 
@@ -40,7 +41,7 @@ from .checkpoint import RUN_NAME, checkpoint_dir_name, list_checkpoints
 from .config import TrainConfig, to_yaml
 
 CONFIG_FILE = "train_config.yaml"
-METRICS_FILE = "metrics.jsonl"
+METRICS_DIR = "metrics"  # <output>/metrics/<first step>-<last step>.jsonl, one part per flush
 # Options that may change between a run and its resumption without changing what is computed.
 RESUME_MUTABLE = {"run.max_steps", "run.log_every", "run.report_every", "run.checkpoint_every",
                   "run.keep_checkpoints", "run.cpus_per_worker", "run.torch_threads", "loader.num_threads",
@@ -232,6 +233,10 @@ def _ray_s3_filesystem(uri: str):
 
 
 def _root_cause(e: BaseException) -> str:
+    """One line naming what broke: the innermost exception, or the last ``XxxError: ...`` line
+    of a worker traceback that Ray carries as text."""
+    import re
+
     seen = set()
     while True:
         nxt = getattr(e, "cause", None) or e.__cause__
@@ -239,29 +244,67 @@ def _root_cause(e: BaseException) -> str:
             break
         seen.add(id(e))
         e = nxt
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[-1] if msg else ''}"[:600]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln)]
+    if errs:
+        return errs[-1][:600]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:600]
 
 
 # ----------------------------------------------------------------------------------------------
 # worker
 # ----------------------------------------------------------------------------------------------
-def _read_metrics(output: str, upto_step: int) -> list[dict[str, Any]]:
+def _metric_parts(output: str) -> list[tuple[int, int, str]]:
+    """``(first, last, uri)`` of the metrics parts under ``output``, by first step."""
     from webcurate.shards import storage
 
-    try:
-        lines = storage.read_bytes(storage.join(output, METRICS_FILE)).decode().splitlines()
-    except FileNotFoundError:
-        return []
-    recs = [json.loads(x) for x in lines if x.strip()]
-    return [r for r in recs if r.get("step", 0) <= upto_step]
+    parts = []
+    for e in storage.list_dir(storage.join(output, METRICS_DIR)):
+        stem = e.name[:-len(".jsonl")] if e.name.endswith(".jsonl") else ""
+        first, _, last = stem.partition("-")
+        if first.isdigit() and last.isdigit():
+            parts.append((int(first), int(last), e.uri))
+    return sorted(parts)
+
+
+def read_metrics(output: str, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """The per-step records of a run (``metrics/*.jsonl``), in step order, up to ``upto_step``."""
+    from webcurate.shards import storage
+
+    by_step: dict[int, dict[str, Any]] = {}
+    for _, _, uri in _metric_parts(output):
+        for line in storage.read_bytes(uri).decode().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if upto_step is None or r["step"] <= upto_step:
+                    by_step[r["step"]] = r
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _truncate_metrics(output: str, step: int) -> None:
+    """Drop records past ``step`` (written by a run that died after its last checkpoint)."""
+    from webcurate.shards import storage
+
+    for first, last, uri in _metric_parts(output):
+        if first > step:
+            storage.delete(uri)
+        elif last > step:
+            keep = [ln for ln in storage.read_bytes(uri).decode().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= step]
+            _write_metrics(output, [json.loads(ln) for ln in keep])
+            storage.delete(uri)
 
 
 def _write_metrics(output: str, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` (consecutive steps) as one part; appending a whole file per flush keeps
+    long runs from rewriting their history (S3 objects cannot be appended to)."""
     from webcurate.shards import storage
 
+    if not records:
+        return
     data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-    storage.write_bytes(storage.join(output, METRICS_FILE), data)
+    name = f"{records[0]['step']:08d}-{records[-1]['step']:08d}.jsonl"
+    storage.write_bytes(storage.join(output, METRICS_DIR, name), data)
 
 
 def _batch_digest(batch: dict[str, Any]) -> list[float]:
@@ -307,6 +350,9 @@ def build_models(cfg: TrainConfig, device):
     from .step import SSLModel
 
     backbone = build_backbone(cfg.model, cfg.loader.global_size)
+    if cfg.ibot.loss_weight <= 0:
+        # No masking without iBOT: a parameter without gradient would stall DDP's reducer.
+        backbone.mask_token.requires_grad_(False)
     student = SSLModel(backbone, build_heads(backbone.embed_dim, cfg.dino, cfg.ibot)).to(device)
     teacher = teacher_from_student(student)
     dino_loss = DINOLoss(cfg.dino.n_prototypes, cfg.dino.student_temp, cfg.dino.center_momentum).to(device)
@@ -471,18 +517,18 @@ def worker_loop(config: dict[str, Any]) -> None:
     max_steps = cfg.run.max_steps if cfg.run.max_steps is not None else schedules.total_steps
     step_fn = TrainStep(cfg, model, student, teacher, optimizer, dino_loss, ibot_loss, device,
                         autocast_dtype=autocast_dtype, ema=ema)
-    records = _read_metrics(output, step) if rank == 0 else []
-    unflushed = 0
+    if rank == 0:
+        _truncate_metrics(output, step)
+    records: list[dict[str, Any]] = []  # not yet flushed
 
     def full_state() -> dict[str, Any]:
         return {**training_state(cfg, student, teacher, optimizer, dino_loss, ibot_loss),
                 "step": step, "data_epoch": data_epoch, "data_batch": data_batch}
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        nonlocal unflushed
         if rank == 0 and records:
             _write_metrics(output, records)  # before the checkpoint: a resume always finds its history
-            unflushed = 0
+            records.clear()
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -531,7 +577,6 @@ def worker_loop(config: dict[str, Any]) -> None:
             last_metrics = {k: v for k, v in rec.items() if k != "batch_digest"}
             if rank == 0:
                 records.append(rec)
-                unflushed += 1
                 if not quiet and (step % cfg.run.log_every == 0 or step == max_steps):
                     print(_fmt_line(rec), flush=True)
             if step % cfg.run.checkpoint_every == 0 or step == max_steps:
@@ -553,8 +598,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
         teacher_sd = get_model_state_dict(teacher, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        if records and unflushed:
-            _write_metrics(output, records)
+        _write_metrics(output, records)
         _export_final(teacher, output, teacher_sd)
 
 
@@ -576,4 +620,4 @@ def _export_final(teacher, output: str, teacher_sd: dict | None = None) -> str:
 
 
 __all__ = ["train", "worker_loop", "resolve_config", "dataset_size", "build_models", "TrainError",
-           "CONFIG_FILE", "METRICS_FILE"]
+           "CONFIG_FILE", "METRICS_DIR", "read_metrics"]

@@ -45,14 +45,7 @@ def _embed(root: str) -> dict:
 
 
 @pytest.fixture(scope="session")
-def search_s3_before_ray(s3_server, ray_local):
-    """The S3 endpoint, started before Ray: Ray workers inherit the environment
-    (AWS_ENDPOINT_URL, credentials) of the process that started Ray."""
-    return s3_server
-
-
-@pytest.fixture(scope="session")
-def search_pool_base(tmp_path_factory, search_s3_before_ray, search_data):
+def search_pool_base(tmp_path_factory, ray_local, search_data):
     """An embedded pool: 24 photos, 12 near-duplicates (quality/crop/resize), 2 exact
     copies, 1 undecodable file, in 3 shards of 16. Read-only: copy it (``search_pool``)."""
     root = str(tmp_path_factory.mktemp("search") / "pool")
@@ -62,7 +55,7 @@ def search_pool_base(tmp_path_factory, search_s3_before_ray, search_data):
 
 
 @pytest.fixture(scope="session")
-def search_seed(tmp_path_factory, search_s3_before_ray, search_data):
+def search_seed(tmp_path_factory, ray_local, search_data):
     """An embedded seed/eval set: quality-55 re-encodes of pool photos 2, 4, 6, 8
     (keys s002..s008) plus 3 unrelated photos (u000..u002), in 2 shards."""
     root = str(tmp_path_factory.mktemp("search") / "seed")

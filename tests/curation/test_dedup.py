@@ -257,3 +257,18 @@ def test_cli_dedup_prints_a_summary(search_pool):
         out = CliRunner().invoke(dedup_cmd, ["--input", search_pool.root, "--threshold", str(THRESHOLD), "--k", "8"])
     assert out.exit_code == 0, out.output
     assert "removed:copy" in out.output and "dedup (copy)" in out.output
+
+
+def test_nprobe_over_every_ivf_cell_finds_exactly_the_flat_edges():
+    from webcurate.curation import vectors
+
+    x, _ = _planted_vectors(4000, 64, 200, noise=0.5)
+    flat = vectors.knn_edges(x, 8, 0.6, choice=vectors.choose_index(len(x), kind="flat"))
+    every = vectors.choose_index(len(x), kind="ivf", nprobe=10_000)
+    assert every.nprobe == every.nlist, "nprobe must be capped at the number of cells"
+    ivf_all = vectors.knn_edges(x, 8, 0.6, choice=every)
+    one = vectors.choose_index(len(x), kind="ivf", nprobe=1)
+    ivf_one = vectors.knn_edges(x, 8, 0.6, choice=one)
+    as_set = lambda e: set(zip(e[0].tolist(), e[1].tolist()))  # noqa: E731
+    assert as_set(ivf_all) == as_set(flat), "probing every cell must equal exact search"
+    assert as_set(ivf_one) <= as_set(flat) and len(as_set(ivf_one)) <= len(as_set(flat))

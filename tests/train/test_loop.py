@@ -72,3 +72,18 @@ def test_cli_help_documents_every_option():
     for opt in ("--data", "--output", "--config", "--max-steps", "--model", "--num-workers", "--resume",
                 "SECTION.KEY=VALUE"):
         assert opt in out
+
+
+def test_metrics_parts_are_cut_back_to_the_resumed_step(tmp_path):
+    from webcurate.train.loop import _truncate_metrics, _write_metrics, read_metrics
+
+    out = str(tmp_path)
+    _write_metrics(out, [{"step": s, "loss": float(s)} for s in (1, 2, 3)])
+    _write_metrics(out, [{"step": s, "loss": float(s)} for s in (4, 5, 6)])  # a run that died after step 6
+    _write_metrics(out, [{"step": s, "loss": float(s)} for s in (7, 8)])
+    _truncate_metrics(out, 4)  # its last checkpoint was at step 4
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    _write_metrics(out, [{"step": s, "loss": -float(s)} for s in (5, 6)])  # the resumed run
+    assert [(r["step"], r["loss"]) for r in read_metrics(out)][-3:] == [(4, 4.0), (5, -5.0), (6, -6.0)]
+    assert sorted(os.listdir(os.path.join(out, "metrics"))) == [
+        "00000001-00000003.jsonl", "00000004-00000004.jsonl", "00000005-00000006.jsonl"]

@@ -1,4 +1,5 @@
-"""FSDP2 sharding (run.fsdp) trains exactly like DDP, and its checkpoints restore exactly (2 gloo processes)."""
+"""FSDP2 sharding (run.fsdp) trains exactly like DDP, its checkpoints restore exactly, and DDP runs
+without iBOT (2 gloo processes)."""
 from __future__ import annotations
 
 import os
@@ -43,6 +44,11 @@ WORKER = textwrap.dedent("""
         model2, s2, t2, o2, d2, i2, e2 = prepare_models(cfg, dev, distributed=True, state=state)
         restored = float(TrainStep(cfg, model2, s2, t2, o2, d2, i2, dev, ema=e2)(batch(2), sched.at(4))["loss"])
         out[fsdp] = {"losses": losses, "cont": cont, "restored": restored, **saved}
+    # Without iBOT the mask token takes no part: DDP must not wait for its gradient.
+    cfg = load_config(None, TINY + ["ibot.loss_weight=0"])
+    model, s, t, opt, dl, il, ema = prepare_models(cfg, dev, distributed=True)
+    out["no_ibot"] = [float(TrainStep(cfg, model, s, t, opt, dl, il, dev, ema=ema)(batch(i), Schedules.from_config(
+        cfg, 10).at(i))["loss"]) for i in range(2)]
     if rank == 0:
         torch.save(out, f"{tmp}/out.pt")
     dist.barrier()
@@ -65,3 +71,4 @@ def test_fsdp_matches_ddp_and_restores_from_its_checkpoint_state(tmp_path):
             assert torch.allclose(v, fsdp[part][k], atol=1e-5), f"{part}.{k}"
     for mode in (ddp, fsdp):
         assert abs(mode["cont"] - mode["restored"]) < 1e-5, mode
+    assert len(out["no_ibot"]) == 2

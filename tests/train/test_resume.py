@@ -1,7 +1,6 @@
 """A 2-worker Ray Train run from S3 shards with checkpoints on S3 resumes exactly."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -10,7 +9,9 @@ from webcurate.shards import storage
 
 
 def _metrics(output):
-    return [json.loads(x) for x in storage.read_bytes(storage.join(output, "metrics.jsonl")).decode().splitlines()]
+    from webcurate.train.loop import read_metrics
+
+    return read_metrics(output)
 
 
 def _final_state(output, tmp_path, name):
