@@ -41,6 +41,7 @@ SERVER = os.path.join(REPO, "tests", "shards", "http_server.py")
 def load_imagegen():
     spec = importlib.util.spec_from_file_location("bench_imagegen", os.path.join(REPO, "tests", "shards", "imagegen.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its functions go to a process pool: pickled by module name
     spec.loader.exec_module(mod)
     return mod
 

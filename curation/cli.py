@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from .stage_report import report_option, write_stage_report
+
 
 @click.command("cluster")
 @click.option("--input", "input_uri", required=True, help="Dataset folder or s3:// prefix with an `embeddings` table.")
@@ -31,7 +33,9 @@ import click
                    "their size, then global refinement; for millions of points x thousands of clusters), "
                    "or auto by problem size.")
 @click.option("--seed", default=0, show_default=True, help="Random seed: the same seed gives the same clusters.")
-def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy, subset, niter, method, seed):
+@report_option
+def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy, subset, niter, method, seed,
+            make_report):
     """Hierarchical k-means with resampling over the dataset's embeddings.
 
     Writes the `clusters` table (key, status, level_1..level_L, distance to
@@ -46,6 +50,7 @@ def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy,
 
     run_cluster(input_uri, levels=levels, resampling_steps=resampling_steps, sample_size=sample_size,
                 sample_strategy=resample_strategy, niter=niter, seed=seed, method=method, subset=subset)
+    write_stage_report(input_uri, make_report)
 
 
 @click.command("sample")
@@ -54,7 +59,8 @@ def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy,
 @click.option("--strategy", type=click.Choice(["random", "closest"]), default="random", show_default=True,
               help="Within a level-1 cluster take random samples, or those closest to the centroid.")
 @click.option("--seed", default=0, show_default=True, help="Random seed for ties and the random strategy.")
-def sample(input_uri, target, strategy, seed):
+@report_option
+def sample(input_uri, target, strategy, seed, make_report):
     """Balanced sampling: water-fill --target over the cluster hierarchy.
 
     Top-down, each cluster's share is split over its child clusters so that
@@ -68,6 +74,7 @@ def sample(input_uri, target, strategy, seed):
     from .sample import run_sample
 
     run_sample(input_uri, target, strategy=strategy, seed=seed)
+    write_stage_report(input_uri, make_report)
 
 
 @click.command("export")
@@ -77,7 +84,8 @@ def sample(input_uri, target, strategy, seed):
               show_default=True,
               help="Which selection to export; auto takes the latest: sample, else retrieve, else dedup survivors.")
 @click.option("--workers", default=None, type=int, help="Shards copied at once (default: one per Ray CPU).")
-def export(input_uri, output, selection, workers):
+@report_option
+def export(input_uri, output, selection, workers, make_report):
     """Copy the selected samples into a new dataset (bytes copied, not re-encoded).
 
     Cluster ids, dedup decisions and retrieval scores are merged into each
@@ -91,6 +99,7 @@ def export(input_uri, output, selection, workers):
 
     res = run_export(input_uri, output, selection=selection, workers=workers)
     click.echo(f"exported {res['exported']} samples ({res['selection']} selection) to {res['output']}")
+    write_stage_report(res["output"], make_report)
 
 
 @click.command("report")

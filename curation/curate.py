@@ -21,7 +21,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "embed": {"model": None, "weights": None, "checkpoint": None, "random_init": False, "image_size": 224,
               "batch_size": 64, "num_gpus": 0.0, "concurrency": None, "dtype": "float16"},
     "dedup": {"method": "copy", "k": 64, "threshold": 0.6, "against": [], "against_threshold": 0.45,
-              "eps": 0.07, "keep": "largest", "n_clusters": None, "index": "auto", "seed": 0},
+              "eps": 0.07, "keep": "largest", "n_clusters": None, "index": "auto", "nprobe": None, "seed": 0},
     "retrieve": {"seeds": [], "k": 4, "mode": "sample", "n_clusters": None, "per_cluster": 100,
                  "min_seed_per_cluster": 3, "exclude_duplicates": True, "min_score": None, "seed": 0},
     "cluster": {"levels": [10000, 1000, 100], "resampling_steps": 10, "sample_size": None,
@@ -176,7 +176,7 @@ def run_curate(config: str | dict[str, Any], *, summary: bool = True, verbose: b
         _run_step(outcomes, "dedup", root, lambda: run_dedup(
             root, method=d["method"], k=int(d["k"]), threshold=float(d["threshold"]), against=d["against"],
             against_threshold=float(d["against_threshold"]), eps=float(d["eps"]), keep=d["keep"],
-            n_clusters=d["n_clusters"], index=d["index"], seed=int(d["seed"]), summary=verbose),
+            n_clusters=d["n_clusters"], index=d["index"], nprobe=d["nprobe"], seed=int(d["seed"]), summary=verbose),
             lambda r: _counts(r, "total", "kept", "removed"))
     else:
         outcomes.append(StepOutcome("dedup", "off"))

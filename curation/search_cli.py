@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from .stage_report import report_option, write_stage_report
+
 
 @click.command("embed")
 @click.option("--input", "input_", required=True, metavar="DATASET",
@@ -66,13 +68,16 @@ def embed_cmd(input_, model, weights, checkpoint, random_init, image_size, batch
               help="kNN index: exact flat search, IVF, or auto (flat up to 30k samples).")
 @click.option("--nprobe", default=None, type=int,
               help="IVF cells each sample searches [default: 10]; more finds more near-duplicates, slower.")
-def dedup_cmd(input_, method, against, k, threshold, against_threshold, eps, n_clusters, keep, index, nprobe):
+@report_option
+def dedup_cmd(input_, method, against, k, threshold, against_threshold, eps, n_clusters, keep, index, nprobe,
+              make_report):
     """Decide which samples to keep; writes DATASET/dedup/ (keep, duplicate_of, similarity, reason)."""
     from .dedup import run_dedup
 
     run_dedup(input_, method=method, k=k, threshold=threshold, against=list(against),
               against_threshold=against_threshold, eps=eps, keep=keep, n_clusters=n_clusters, index=index,
               nprobe=nprobe)
+    write_stage_report(input_, make_report)
 
 
 @click.command("retrieve")
@@ -92,8 +97,9 @@ def dedup_cmd(input_, method, against, k, threshold, against_threshold, eps, n_c
 @click.option("--min-score", default=None, type=float, help="Drop hits whose cosine to their seed is below this.")
 @click.option("--include-duplicates", is_flag=True,
               help="Also retrieve samples the dedup table drops (by default they are left out).")
+@report_option
 def retrieve_cmd(input_, seeds, k, mode, n_clusters, per_cluster, min_seed_per_cluster, min_score,
-                 include_duplicates):
+                 include_duplicates, make_report):
     """Select pool samples near seed datasets; writes DATASET/retrieve/ (selected, score, seed_key)."""
     from .retrieve import run_retrieve
 
@@ -102,6 +108,7 @@ def retrieve_cmd(input_, seeds, k, mode, n_clusters, per_cluster, min_seed_per_c
                           min_score=min_score)
     if result.get("message"):
         click.echo(f"note: {result['message']}", err=True)
+    write_stage_report(input_, make_report)
 
 
 COMMANDS = [embed_cmd, dedup_cmd, retrieve_cmd]

@@ -57,13 +57,20 @@ _register()
 
 def run() -> None:
     """Entry point that turns known user errors into one clear line and exit 2."""
-    from webcurate.pipeline.errors import USER_ERRORS
+    from webcurate.pipeline.errors import USER_ERRORS, RunError
 
     try:
         main(standalone_mode=True)
     except USER_ERRORS as e:  # pragma: no cover - exercised through subprocess tests
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RunError as e:  # pragma: no cover - exercised through subprocess tests
+        # The message names what failed, what was kept and how to resume; the traceback
+        # of a Ray task adds nothing a user can act on (WEBCURATE_DEBUG=1 shows it).
+        if os.environ.get("WEBCURATE_DEBUG") == "1":
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

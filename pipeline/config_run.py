@@ -90,7 +90,7 @@ def run_shard_step(sec: dict[str, Any]) -> StepResult:
         raise ConfigError(f"pipeline step `shard`: unknown key(s) {', '.join(bad)}")
     r = ingest(inp, out, image_opts=image_opts, fetch_opts=fetch_opts, **sec)
     c = r.counts
-    return StepResult("shard", "ran", r.seconds, out,
+    return StepResult("shard", "ran" if r.shards_written else "complete already", r.seconds, out,
                       f"{c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicates")
 
 
@@ -146,9 +146,33 @@ def run_embed_for_label_step(sec: dict[str, Any]) -> StepResult:
     model = opts.pop("model", None)
     if not model:
         raise ConfigError("pipeline step `embed_for_label` needs `model`")
+    embedded = 0
     for d in datasets:
-        run_embed(d, model, **opts)
-    return StepResult("embed_for_label", "ran", 0.0, None, f"{len(datasets)} dataset(s)")
+        embedded += len(run_embed(d, model, **opts).get("shards_done") or [])
+    outcome = "ran" if embedded else "complete already"
+    return StepResult("embed_for_label", outcome, 0.0, None, f"{len(datasets)} dataset(s), {embedded} shard(s) embedded")
+
+
+def label_is_complete(sec: dict[str, Any]) -> bool:
+    """True when ``sec['output']`` is a finished `webcurate label` export of the same LF file
+    (by content) with the same selection options."""
+    from webcurate.curation.labeling.lf import load_lf_file
+    from webcurate.curation.labeling.workflow import MODEL_FILE
+    from webcurate.shards import manifest as manifest_mod, storage
+    from webcurate.shards.dataset import Dataset
+
+    out = sec.get("output")
+    if not out or not storage.exists(storage.join(out, MODEL_FILE)):
+        return False
+    m = manifest_mod.load(out) or {}
+    params = m.get("parameters") or {}
+    if m.get("stage") != "label" or params.get("lf_sha") != load_lf_file(sec["lfs"]).sha:
+        return False
+    if (params.get("min_confidence"), params.get("per_class_cap")) != (
+            float(sec.get("min_confidence", 0.0)), sec.get("per_class_cap")):
+        return False
+    n = m.get("num_shards")
+    return n is not None and len(Dataset(out).completed_shards()) == int(n)
 
 
 def run_label_step(sec: dict[str, Any]) -> StepResult:
@@ -156,6 +180,8 @@ def run_label_step(sec: dict[str, Any]) -> StepResult:
 
     sec = dict(sec)
     inp, lfs = _need(sec, "input", "label"), _need(sec, "lfs", "label")
+    if label_is_complete(sec):
+        return StepResult("label", "complete already", 0.0, sec["output"], "same LFs and options")
     out = sec.pop("output", None)
     sec.pop("input"), sec.pop("lfs")
     if "dev" in sec:

@@ -49,7 +49,8 @@ prototype = F.prototype_lf(seed, margin=0.01, name="prototype")
 '''
 
 
-def demo_pipeline(work: str, url_list: str, seed_root: str, lfs: str, max_steps: int, n_pool: int) -> dict[str, Any]:
+def demo_pipeline(work: str, url_list: str, seed_root: str, dev_root: str, lfs: str, max_steps: int,
+                  n_pool: int) -> dict[str, Any]:
     data = os.path.join(work, "data")
     return {
         "shard": {"input": url_list, "output": os.path.join(data, "raw"), "shard_size": 128, "image_size": 64,
@@ -64,11 +65,11 @@ def demo_pipeline(work: str, url_list: str, seed_root: str, lfs: str, max_steps:
         },
         "train": {"output": os.path.join(work, "runs", "tiny-dino"), "max_steps": max_steps,
                   "overrides": DEMO_TRAIN_OVERRIDES},
-        "embed_for_label": {"datasets": [os.path.join(data, "curated"), seed_root], "model": EMBED_MODEL,
+        "embed_for_label": {"datasets": [os.path.join(data, "curated"), seed_root, dev_root], "model": EMBED_MODEL,
                             "checkpoint": os.path.join(work, "runs", "tiny-dino", "backbone.safetensors"),
                             "image_size": 32, "batch_size": 64},
         "label": {"input": os.path.join(data, "curated"), "lfs": lfs, "output": os.path.join(data, "labelled"),
-                  "dev": seed_root, "min_confidence": 0.3},
+                  "dev": dev_root, "min_confidence": 0.3},
     }
 
 
@@ -85,31 +86,36 @@ def run_demo(workdir: str, keep: bool = False, max_steps: int = 30) -> dict[str,
     os.makedirs(work, exist_ok=True)
     corpus = build_corpus(os.path.join(work, "corpus"))
     print(f"corpus: {corpus.n_pool} photos from {corpus.source} ({len(corpus.classes)} classes), "
-          f"{corpus.n_duplicates} planted near-duplicates, {corpus.n_broken} broken links")
+          f"{corpus.n_duplicates} planted near-duplicates, {corpus.n_distractors} distractors, "
+          f"{corpus.n_broken} broken links")
     init_ray()
     seed_root = os.path.join(work, "data", "seed")
-    ingest_folder(corpus.seed_dir, seed_root, labels_from_dirs=True, shard_size=1000, summary=False,
-                  image_opts=_demo_image_opts())
+    dev_root = os.path.join(work, "data", "dev")
+    for src, dst in ((corpus.seed_dir, seed_root), (corpus.dev_dir, dev_root)):
+        ingest_folder(src, dst, labels_from_dirs=True, shard_size=1000, summary=False, image_opts=_demo_image_opts())
     lfs = os.path.join(work, "demo_lfs.py")
     with open(lfs, "w") as f:
         f.write(lf_file_text(corpus.classes, seed_root))
     with LoopbackServer(corpus.folder) as server:
         url_list = materialise_url_list(corpus.url_list, server.url, os.path.join(work, "urls.parquet"))
         print(f"serving the corpus at {server.url} ({url_list})")
-        cfg = demo_pipeline(work, url_list, seed_root, lfs, max_steps, corpus.n_pool)
+        cfg = demo_pipeline(work, url_list, seed_root, dev_root, lfs, max_steps, corpus.n_pool)
         results = run_pipeline(cfg)
     from webcurate.curation.report import write_report
 
     outputs = {r.step: r.output for r in results if r.output}
-    curate_report = next((r.info.get("report") for r in results if r.step == "curate"), None)
-    if curate_report:
-        outputs["curation report"] = curate_report
-    report = write_report(os.path.join(work, "data", "curated"))
-    outputs["label report"] = report
+    # Re-written now that the curated set also carries the labelling functions' votes.
+    outputs["curation report"] = write_report(os.path.join(work, "data", "curated"))
+    outputs["label report"] = write_report(os.path.join(work, "data", "labelled"))
+    acc = pseudo_label_accuracy(os.path.join(work, "data", "labelled"))
+    if acc is not None:
+        n, right = acc
+        print(f"\npseudo-labels vs the corpus's hidden true labels: {right}/{n} = {right / max(n, 1):.1%} "
+              f"(distractors have no true label and count as wrong)")
     print("\nwebcurate demo finished. Outputs:")
     for name, path in outputs.items():
         print(f"  {name:16s} {path}")
-    print(f"\nOpen the reports: file://{curate_report or report}  and  file://{report}")
+    print(f"\nOpen the reports: file://{outputs['curation report']}  and  file://{outputs['label report']}")
     return outputs
 
 
@@ -117,3 +123,16 @@ def _demo_image_opts():
     from webcurate.shards.image_ops import ImageOptions
 
     return ImageOptions(image_size=64)
+
+
+def pseudo_label_accuracy(labelled: str) -> tuple[int, int] | None:
+    """(exported samples, how many carry their true label) for the demo's labelled dataset;
+    the URL list's hidden ``true_label`` column travels in the index as metadata."""
+    from webcurate.shards.dataset import Dataset
+
+    try:
+        idx = Dataset(labelled).index(columns=["label", "true_label", "status"]).to_pylist()
+    except Exception:  # noqa: BLE001 - the summary line is optional; the outputs are what matter
+        return None
+    rows = [r for r in idx if r["status"] == "ok" and r.get("label") is not None]
+    return len(rows), sum(r["label"] == r.get("true_label") for r in rows)

@@ -32,12 +32,14 @@ SKIMAGE_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left",
 class DemoCorpus:
     folder: str  # served over HTTP
     url_list: str  # parquet: url, caption, + metadata
-    seed_dir: str  # ImageFolder of a few labelled images per class (seed / dev set)
+    seed_dir: str  # ImageFolder of a few labelled images per class (the kNN / prototype LFs' seed)
+    dev_dir: str  # ImageFolder of other labelled images per class (dev set: never seen by an LF)
     classes: list[str]
     source: str  # "fashion-mnist" or "scikit-image"
     n_pool: int
     n_duplicates: int
     n_broken: int
+    n_distractors: int = 0
 
 
 def _fashion_images(n_per_class: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[int]]:
@@ -83,26 +85,40 @@ def _skimage_images(n_per_class: int, rng: np.random.Generator) -> tuple[list[np
     return out, ys, names
 
 
-def build_corpus(workdir: str, n_per_class: int = 40, n_seed_per_class: int = 5, seed: int = 0) -> DemoCorpus:
+def _distractor(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """A web-style non-photo: a flat banner with stripes and noise (belongs to no class)."""
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = rng.uniform(0, 255, size=3)
+    period = int(rng.integers(4, 12))
+    stripes = (np.arange(size) // period) % 2 == 0
+    img[stripes] = rng.uniform(0, 255, size=3)
+    img += rng.normal(0, 12, size=img.shape)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def build_corpus(workdir: str, n_per_class: int = 40, n_seed_per_class: int = 5, seed: int = 0,
+                 n_dev_per_class: int = 5, n_distractors: int = 12) -> DemoCorpus:
     """Write the corpus under ``workdir``; returns where everything is."""
     rng = np.random.default_rng(seed)
     pyrng = random.Random(seed)
+    n_labelled = n_seed_per_class + n_dev_per_class
     if os.path.isdir(FASHION_DIR):
-        images, labels = _fashion_images(n_per_class + n_seed_per_class, rng)
+        images, labels = _fashion_images(n_per_class + n_labelled, rng)
         classes, source = FASHION_CLASSES, "fashion-mnist"
     else:
-        images, labels, classes = _skimage_images(n_per_class + n_seed_per_class, rng)
+        images, labels, classes = _skimage_images(n_per_class + n_labelled, rng)
         source = "scikit-image"
     folder = os.path.join(workdir, "web")
     seed_dir = os.path.join(workdir, "seed")
+    dev_dir = os.path.join(workdir, "dev")
     os.makedirs(folder, exist_ok=True)
     rows = []
     seen_per_class: dict[int, int] = {}
     for i, (img, y) in enumerate(zip(images, labels)):
         k = seen_per_class.get(y, 0)
         seen_per_class[y] = k + 1
-        if k < n_seed_per_class:  # a few labelled examples per class
-            d = os.path.join(seed_dir, classes[y])
+        if k < n_labelled:  # a few labelled examples per class: seed, then dev
+            d = os.path.join(seed_dir if k < n_seed_per_class else dev_dir, classes[y])
             os.makedirs(d, exist_ok=True)
             Image.fromarray(img).save(os.path.join(d, f"{i:05d}.jpg"), quality=95)
             continue
@@ -125,6 +141,12 @@ def build_corpus(workdir: str, n_per_class: int = 40, n_seed_per_class: int = 5,
         name = f"dup{j:04d}.jpg"
         dup.save(os.path.join(folder, name), quality=75)
         rows.append({"name": name, "caption": r["caption"], "true_label": r["true_label"]})
+    # Distractors: banners and ads that belong to no class, some with misleading captions.
+    for j in range(n_distractors):
+        name = f"ad{j:04d}.jpg"
+        Image.fromarray(_distractor(rng)).save(os.path.join(folder, name), quality=85)
+        caption = "buy now" if j % 2 else f"best {classes[j % len(classes)]} deals"
+        rows.append({"name": name, "caption": caption, "true_label": None})
     # Broken links: missing files and an HTML page posing as an image.
     with open(os.path.join(folder, "page.jpg"), "wb") as f:
         f.write(b"<html><body>not an image</body></html>")
@@ -139,8 +161,9 @@ def build_corpus(workdir: str, n_per_class: int = 40, n_seed_per_class: int = 5,
     })
     url_list = os.path.join(workdir, "urls.parquet")
     pq.write_table(table, url_list)
-    return DemoCorpus(folder, url_list, seed_dir, list(classes), source,
-                      n_pool=len(rows) - len(broken) - n_dup, n_duplicates=n_dup, n_broken=len(broken))
+    return DemoCorpus(folder, url_list, seed_dir, dev_dir, list(classes), source,
+                      n_pool=len(rows) - len(broken) - n_dup, n_duplicates=n_dup, n_broken=len(broken),
+                      n_distractors=n_distractors)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

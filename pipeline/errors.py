@@ -10,4 +10,9 @@ class ConfigError(ValueError):
     """A config file or option is invalid."""
 
 
+class RunError(RuntimeError):
+    """A run failed part-way with a message that says what was kept and how to continue
+    (failed shards after retries, a training run that stopped): one line, exit 1."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, StorageError, ConfigError, InputError, FileNotFoundError)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from webcurate.shards import manifest as manifest_mod
 
+from .errors import RunError
 from .progress import print_summary, progress_bar
 from .ray_runtime import init_ray
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # the dataset module imports webdataset -> torch: not for eve
 RETRYABLE = (OSError, ConnectionError, TimeoutError)
 
 
-class StageError(RuntimeError):
+class StageError(RunError):
     """Some shards failed after retries; finished shards are kept."""
 
 

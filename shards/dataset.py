@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import layout, manifest as manifest_mod, storage
@@ -91,9 +90,8 @@ class Dataset:
     # -- index --------------------------------------------------------------
     def read_index(self, shard: int, columns: list[str] | None = None) -> pa.Table:
         uri = layout.index_uri(self.root, shard)
-        fs, path = storage.filesystem(uri)
         try:
-            return pq.read_table(path, filesystem=fs, columns=columns)
+            return storage.read_parquet(uri, columns)
         except FileNotFoundError as e:
             raise DatasetError(f"shard {shard} of {self.root} has no index ({uri})") from e
 
@@ -158,8 +156,7 @@ class Dataset:
         write_parquet(self.sidecar_uri(stage, shard), table)
 
     def read_sidecar_part(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:
-        fs, path = storage.filesystem(self.sidecar_uri(stage, shard))
-        return pq.read_table(path, filesystem=fs, columns=columns)
+        return storage.read_parquet(self.sidecar_uri(stage, shard), columns)
 
     def read_sidecar(self, stage: str, columns: list[str] | None = None) -> pa.Table:
         """All completed parts of sidecar ``stage`` concatenated (keyed by ``key``)."""

@@ -21,7 +21,7 @@ from .download import FetchFailed, FetchOptions, fetch
 from .image_ops import ImageOptions, ImageRejected, process_image
 from .inputs import extra_columns, is_url_list, read_folder, read_url_list
 from .schema import STATUS_DUPLICATE, STATUS_FAILED, STATUS_OPTED_OUT, rows_to_table
-from .writer import ShardWriter, write_parquet
+from .writer import ShardWriter, shard_stats, write_parquet
 
 
 @dataclasses.dataclass
@@ -31,6 +31,7 @@ class IngestResult:
     counts: dict[str, int]
     seconds: float
     failed_shards: dict[int, str]
+    shards_written: int = 0  # by this call; 0 when every shard was complete already
 
 
 def _load_source(source: str, base: str | None, fetch_opts: FetchOptions) -> bytes:
@@ -167,11 +168,11 @@ def ingest_table(
         mark_cross_shard_duplicates(output)
     m = manifest_mod.load(output) or {}
     if summary:
-        print_summary(result, title=f"shard -> {output}")
+        print_summary(result, title=f"shard -> {output}", totals=m.get("counts", {}))
     from webcurate.pipeline.stage import raise_if_failed
 
     raise_if_failed(result)
-    return IngestResult(output, num_shards, m.get("counts", {}), result.seconds, result.failed)
+    return IngestResult(output, num_shards, m.get("counts", {}), result.seconds, result.failed, len(result.done))
 
 
 def mark_cross_shard_duplicates(root: str) -> int:
@@ -186,30 +187,38 @@ def mark_cross_shard_duplicates(root: str) -> int:
 
     ds = Dataset(root)
     first: dict[str, str] = {}
-    marked = 0
+    first_shard: dict[str, int] = {}
+    marked = cross = 0
+    recounted: dict[int, dict[str, int]] = {}
     for shard in ds.completed_shards():
         idx = ds.read_index(shard)
         rows = idx.to_pylist()
         changed = False
         for r in rows:
+            if r["status"] == STATUS_DUPLICATE and first_shard.get(r.get("duplicate_of") or "", shard) != shard:
+                cross += 1  # marked by an earlier pass
             if r["status"] != "ok" or not r["sha256"]:
                 continue
             k0 = first.setdefault(r["sha256"], r["key"])
+            first_shard.setdefault(k0, shard)
             if k0 != r["key"]:
                 r.update(status=STATUS_DUPLICATE, duplicate_of=k0, error=f"duplicate: same pixels as {k0}")
                 changed = True
                 marked += 1
+                cross += 1
         if changed:
             extra = pa.schema([f for f in idx.schema if f.name not in rows_to_table([]).schema.names])
             write_parquet(layout.index_uri(root, shard), rows_to_table(rows, extra))
+        recounted[shard] = shard_stats(rows, 0.0)["counts"]
     m = manifest_mod.load(root)
     if m is not None:
-        m["cross_shard_duplicates"] = marked
-        counts = dict(m.get("counts", {}))
-        if marked:
-            counts["ok"] = counts.get("ok", 0) - marked
-            counts[STATUS_DUPLICATE] = counts.get(STATUS_DUPLICATE, 0) + marked
-        m["counts"] = counts
+        # Counts are recomputed from the indices, not adjusted by this pass's marks: a
+        # driver killed between an index rewrite and this save still ends with true counts.
+        stats = m.setdefault("shard_stats", {})
+        for shard, counts in recounted.items():
+            stats.setdefault(f"{shard:05d}", {})["counts"] = counts
+        m["counts"] = manifest_mod.sum_counts(stats)
+        m["cross_shard_duplicates"] = cross
         manifest_mod.save(root, m)
     return marked
 

@@ -1,7 +1,8 @@
 """One storage interface for local paths and ``s3://bucket/prefix`` URIs.
 
-Reads and listings go through ``pyarrow.fs`` (one S3 client for parquet and
-bytes alike). Whole-object writes are atomic for readers:
+Listings and streamed reads go through ``pyarrow.fs``; whole-object reads of S3
+(bytes, parquet parts) go through boto3, whose retries survive throttling.
+Whole-object writes are atomic for readers:
 
 - local: write ``<name>.tmp-<uuid>`` beside the target, fsync, ``os.replace``;
 - S3: the object is uploaded by boto3's managed transfer, which completes the
@@ -118,7 +119,23 @@ def exists(uri: str) -> bool:
         raise _describe(e, uri, "stat") from e
 
 
+def _s3_get(uri: str) -> bytes:
+    # boto3, not pyarrow: pyarrow's GetObject fails on a throttling (503 SlowDown) answer
+    # with "Failed to flush response stream" instead of retrying it.
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as e:  # noqa: BLE001 - botocore raises many types; report them uniformly
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(uri) from e
+        raise _describe(e, uri, "read") from e
+
+
 def read_bytes(uri: str) -> bytes:
+    """The whole object at ``uri``; a missing one is ``FileNotFoundError``."""
+    if is_s3(uri):
+        return _s3_get(uri)
     fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path, compression=None) as f:  # no transparent .gz decoding
@@ -138,6 +155,25 @@ def open_input_file(uri: str):
         return fs.open_input_file(path)
     except OSError as e:
         raise _describe(e, uri, "open") from e
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A parquet file as a pyarrow Table; a missing file is ``FileNotFoundError``, any other
+    failure (denied, throttled past retries, unreachable) a ``StorageError`` naming ``uri``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if is_s3(uri):  # one retried GET (see _s3_get); index and sidecar parts fit in memory
+        return pq.read_table(pa.BufferReader(_s3_get(uri)), columns=columns)
+    fs, path = filesystem(uri)
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "Path does not exist" in str(e) or "NoSuchKey" in str(e):
+            raise FileNotFoundError(uri) from e
+        raise _describe(e, uri, "read") from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -213,6 +249,8 @@ def list_dir(uri: str, recursive: bool = False) -> list[Entry]:
         infos = fs.get_file_info(sel)
     except OSError as e:
         raise _describe(e, uri, "list") from e
+    if not infos and is_s3(uri):
+        _require_bucket(uri)  # a missing bucket is an error, not an empty folder
     prefix = uri.rstrip("/")
     out = []
     for info in infos:
@@ -222,6 +260,17 @@ def list_dir(uri: str, recursive: bool = False) -> list[Entry]:
         full = join(prefix, rel) if is_s3(uri) else os.path.join(path, rel)
         out.append(Entry(full, rel, info.size or 0, info.type == pafs.FileType.Directory))
     return sorted(out, key=lambda e: e.uri)
+
+
+def _require_bucket(uri: str) -> None:
+    bucket, _ = split_s3(uri)
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - botocore's ClientError and connection errors
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"list {uri} failed: bucket {bucket!r} does not exist") from e
+        raise _describe(e, uri, "list") from e
 
 
 def local_tempdir(prefix: str = "webcurate-") -> str:

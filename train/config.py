@@ -217,6 +217,11 @@ class TrainConfig:
                     ps = _model_patch_hint(d.get("model") or {})
                     if ps:
                         value["patch_size"] = ps
+                ps = int(value.get("patch_size") or 0)
+                if ps and "local_size" not in value and LoaderConfig.local_size % ps:
+                    # DINOv2 pairs patch 14 with 98 px local crops (96 is no multiple of 14):
+                    # round the default to the nearest multiple instead of refusing it.
+                    value["local_size"] = max(ps, round(LoaderConfig.local_size / ps) * ps)
                 try:
                     kwargs[name] = LoaderConfig.from_dict(_coerce(name, LoaderConfig, value))
                 except (TypeError, ValueError) as e:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.pipeline.errors import ConfigError, RunError
 
 from .checkpoint import RUN_NAME, checkpoint_dir_name, list_checkpoints
 from .config import TrainConfig, to_yaml
@@ -46,11 +46,23 @@ METRICS_DIR = "metrics"  # <output>/metrics/<first step>-<last step>.jsonl, one 
 RESUME_MUTABLE = {"run.max_steps", "run.log_every", "run.report_every", "run.checkpoint_every",
                   "run.keep_checkpoints", "run.cpus_per_worker", "run.torch_threads", "loader.num_threads",
                   "loader.prefetch", "loader.cache_dir"}
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+# S3 settings forwarded to the workers. Credentials are not: a runtime_env is stored in
+# Ray's GCS and shown on the dashboard. Workers take keys from their own environment
+# (a local Ray inherits the driver's; a cluster node its instance profile or its env),
+# or from `webcurate submit --forward-aws`, which the user asks for explicitly.
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
-class TrainError(RuntimeError):
+def worker_env_vars(environ: Any) -> dict[str, str]:
+    """The environment variables the Train workers' runtime_env sets: S3 settings, never keys."""
+    env = {k: environ[k] for k in _AWS_ENV if environ.get(k)}
+    env["WEBCURATE_QUIET"] = environ.get("WEBCURATE_QUIET", "0")
+    # Ray Train's print patch echoes each worker line twice; plain stdout is forwarded once.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
+
+
+class TrainError(RunError):
     """Training failed; finished checkpoints are kept and ``--resume`` continues from the last."""
 
 
@@ -164,10 +176,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
         storage_kw = {"storage_path": path, "storage_filesystem": fs}
     else:
         storage_kw = {"storage_path": os.path.abspath(output)}
-    env = {k: os.environ[k] for k in _AWS_ENV if os.environ.get(k)}
-    env["WEBCURATE_QUIET"] = os.environ.get("WEBCURATE_QUIET", "0")
-    # Ray Train's print patch echoes each worker line twice; plain stdout is forwarded once.
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    env = worker_env_vars(os.environ)
 
     loop_config = {
         "cfg": cfg.to_dict(), "shard_uris": shard_uris, "epoch_length": epoch_length,

@@ -61,6 +61,40 @@ def lf_section(ds: Dataset) -> str | None:
     return "".join(out)
 
 
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _analysis_tables(ds: Dataset) -> list[str]:
+    """The run's LF analysis (with dev accuracy when `--dev` was given) and its dev
+    summary, from the ``label_model.json`` that `webcurate label` wrote beside the data."""
+    import json
+
+    from webcurate.shards import storage
+
+    from .workflow import MODEL_FILE
+
+    try:
+        saved = json.loads(storage.read_bytes(storage.join(ds.root, MODEL_FILE)))
+    except FileNotFoundError:
+        return []
+    out = []
+    stats = saved.get("lf_stats") or []
+    if stats:
+        cols = ("name", "coverage", "overlaps", "conflicts", "correct", "incorrect", "emp_accuracy",
+                "learned_accuracy", "depends_on")
+        rows = [tuple(_fmt(s.get(c)) for c in cols) for s in stats]
+        out.append("<h3>LF analysis of this run</h3>" + _table(rows, (
+            "LF", "coverage", "overlaps", "conflicts", "dev correct", "dev incorrect", "dev accuracy",
+            "learned accuracy", "copies")))
+    dev = saved.get("dev") or {}
+    if dev:
+        out.append("<h3>Dev set</h3>" + _table([(k, _fmt(v)) for k, v in dev.items()], ("what", "value")))
+    return out
+
+
 def label_section(ds: Dataset) -> str | None:
     """Most and least confident samples per pseudo-label; None unless made by `webcurate label`."""
     from webcurate.curation.report import ImageCache, image_tags
@@ -72,6 +106,7 @@ def label_section(ds: Dataset) -> str | None:
     if not rows:
         return None
     cache = ImageCache(ds)
+    out = _analysis_tables(ds)
     by_class: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_class.setdefault(r["label"], []).append(r)
@@ -79,7 +114,7 @@ def label_section(ds: Dataset) -> str | None:
     table = [(c, len(by_class.get(c, [])),
               f"{np.mean([r['label_confidence'] for r in by_class[c]]):.3f}" if by_class.get(c) else "-")
              for c in classes]
-    out = [_table(table, ("class", "samples", "mean confidence"))]
+    out.append(_table(table, ("class", "samples", "mean confidence")))
     for c in classes:
         rs = sorted(by_class.get(c, []), key=lambda r: (-r["label_confidence"], r["key"]))
         if not rs:

@@ -183,7 +183,8 @@ def run_label(
             input_uri, output_uri, votes.keys, probs, L, lfset.names, cls, run.selection,
             model_name=chosen, parameters=params, workers=workers, summary=not quiet)
         storage.write_bytes(storage.join(output_uri, MODEL_FILE),
-                            json.dumps({**m.to_dict(), "classes": cls, "dev": dev}, indent=1).encode())
+                            json.dumps({**m.to_dict(), "classes": cls, "dev": dev,
+                                        "lf_stats": [st.to_dict() for st in stats]}, indent=1).encode())
     if not quiet:
         print_run_summary(run, output_uri)
     return run

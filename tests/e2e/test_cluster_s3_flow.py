@@ -121,6 +121,16 @@ def test_shard_curate_train_label_on_two_nodes_and_s3(tmp_path, s3_bucket, s3_se
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         assert "testing" not in proc.stdout + proc.stderr  # the secret never reaches the logs
+        # The same command again finds every step complete and redoes none of them.
+        again = subprocess.run([WEBCURATE, "run", str(cfg_path)], env=_env(cluster, s3_server),
+                               capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+        table = again.stdout[again.stdout.rfind("pipeline"):]
+        outcomes = {cells[0]: cells[1] for cells in
+                    ([c.strip() for c in ln.strip("│┃ ").split("│")] for ln in table.splitlines() if "│" in ln)
+                    if len(cells) > 1}
+        for step in ("shard", "curate", "train", "label"):
+            assert outcomes.get(step, "").startswith("complete"), f"re-run redid `{step}`:\n{table}"
 
     # Every URL is exactly one index row, keyed by its URL.
     raw = Dataset(f"{s3_bucket}/raw")
@@ -141,14 +151,25 @@ def test_shard_curate_train_label_on_two_nodes_and_s3(tmp_path, s3_bucket, s3_se
     assert "backbone.safetensors" in run_files
     assert any("checkpoint" in n for n in run_files)
 
+    # Curation's sidecars under the raw dataset: every ok key embedded, the sample is the curated set.
+    emb_keys = set(raw.read_sidecar("embeddings", columns=["key"]).column("key").to_pylist())
+    assert emb_keys == ok
+    sample = raw.read_sidecar("sample", columns=["key", "selected"]).to_pydict()
+    assert {k for k, sel in zip(sample["key"], sample["selected"]) if sel} == cur_keys
+
     labelled = Dataset(f"{s3_bucket}/labelled")
+    assert labelled.manifest["parent"] == f"{s3_bucket}/curated"
     lab_keys = set(labelled.ok_keys())
     assert lab_keys and lab_keys <= cur_keys
-    shard = labelled.completed_shards()[0]
-    for s in labelled.iter_samples(shard):
-        want = "red" if "red" in s.meta["caption"] else "green"
-        assert s.meta["label"] == want
-        break
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(f"{s3_bucket}/labelled/pseudo_labels.parquet")))
+    assert set(table.column("key").to_pylist()) == cur_keys, "every curated key has a pseudo-label row"
+    seen = 0
+    for shard in labelled.completed_shards():
+        for s in labelled.iter_samples(shard):
+            want = "red" if "red" in s.meta["caption"] else "green"
+            assert s.meta["label"] == want, (s.key, s.meta)
+            seen += 1
+    assert seen == len(lab_keys)
 
 
 def _load_image_server():

@@ -82,6 +82,9 @@ def test_label_command_writes_the_pseudo_labelled_dataset(pets, seed_and_dev, tm
     assert page.count("<img") >= 20
     page = build_report(out)
     assert 'id="sec-pseudo-labels"' in page and "most / least confident" in page and "this section failed" not in page
+    assert "LF analysis of this run" in page and "dev accuracy" in page, "the report shows the LFs' dev accuracy"
+    knn_row = next(st for st in model["lf_stats"] if st["name"] == "knn_seed")
+    assert knn_row["emp_accuracy"] is not None and f"{knn_row['emp_accuracy']:.3f}" in page
     assert report_section.lf_section(Dataset(out)) is None
 
 

@@ -87,3 +87,14 @@ def test_metrics_parts_are_cut_back_to_the_resumed_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(out)][-3:] == [(4, 4.0), (5, -5.0), (6, -6.0)]
     assert sorted(os.listdir(os.path.join(out, "metrics"))) == [
         "00000001-00000003.jsonl", "00000004-00000004.jsonl", "00000005-00000006.jsonl"]
+
+
+def test_worker_runtime_env_carries_s3_settings_but_never_credentials():
+    from webcurate.train.loop import worker_env_vars
+
+    env = worker_env_vars({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1",
+                           "AWS_ACCESS_KEY_ID": "AKIAABCDEFGHIJKLMNOP", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+                           "AWS_SESSION_TOKEN": "tok-123456"})
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["AWS_REGION"] == "eu-west-1"
+    leaked = [k for k in env if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    assert not leaked, f"credentials would be stored in Ray's runtime_env: {leaked}"

@@ -110,6 +110,14 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
     assert math.isclose(cfg.scaled_lr(), 1e-3 * math.sqrt(64 / 1024))
 
 
+def test_patch14_model_gets_98px_local_crops_unless_the_config_sets_them():
+    cfg = load_config(None, ["model.name=vit_small_patch14_dinov2"])
+    assert (cfg.loader.patch_size, cfg.loader.local_size) == (14, 98)
+    cfg = load_config(None, ["model.name=vit_small_patch14_dinov2", "loader.local_size=112"])
+    assert cfg.loader.local_size == 112
+    assert load_config(None, []).loader.local_size == 96, "patch 16 keeps DINOv2's 96 px"
+
+
 @pytest.mark.parametrize("override, match", [
     ("optim.bogus=1", "unknown option.*optim.*bogus"),
     ("nosection.x=1", "unknown config section.*nosection"),

@@ -17,6 +17,10 @@ which applies the blur with probability ``1 - p`` (``RandomApply`` is given
 probability 0.9 and local crops with 0.5. ``reference_blur_bug=True`` reproduces
 that behaviour for parity with released checkpoints; the default is the
 documented (paper) probabilities.
+
+One known difference from torchvision remains: ``ColorJitter`` applies its four
+adjustments in a random order per image, while DALI's ``color_twist`` applies
+them as one fixed colour transform (the strengths are drawn the same way).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class LoaderConfig:
     blur_p_global2: float = 0.1
     blur_p_local: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 9  # DINOv2's GaussianBlur(kernel_size=9); 0 lets DALI size it from sigma
     # Reproduce the released DINOv2 code, whose GaussianBlur(p) blurs with 1 - p.
     reference_blur_bug: bool = False
     solarize_p_global2: float = 0.2
@@ -96,6 +101,8 @@ class LoaderConfig:
         if self.shard_chunk < 0 or self.shuffle_buffer < 1:
             raise ValueError(f"LoaderConfig.shard_chunk must be >= 0 and shuffle_buffer >= 1, got "
                              f"{self.shard_chunk} and {self.shuffle_buffer}")
+        if self.blur_kernel_size < 0 or (self.blur_kernel_size and self.blur_kernel_size % 2 == 0):
+            raise ValueError(f"LoaderConfig.blur_kernel_size must be odd (or 0: from sigma), got {self.blur_kernel_size}")
         if self.n_local < 0:
             raise ValueError(f"LoaderConfig.n_local must be >= 0, got {self.n_local}")
         if self.global_size % self.patch_size:

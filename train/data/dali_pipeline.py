@@ -250,6 +250,7 @@ def build_pipeline(spec: PipelineSpec, cfg: LoaderConfig, source: ParamSource):
     threshold = int(cfg.solarize_threshold)
     solarize_lut = [k if k < threshold else 255 - k for k in range(256)]
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
+    blur_window = {"window_size": int(cfg.blur_kernel_size)} if cfg.blur_kernel_size else {}
 
     @pipeline_def(enable_conditionals=True)
     def multicrop():
@@ -274,7 +275,7 @@ def build_pipeline(spec: PipelineSpec, cfg: LoaderConfig, source: ParamSource):
                 x = fn.color_twist(x, brightness=brightness[c], contrast=contrast[c],
                                    saturation=saturation[c], hue=hue[c])
                 if blur[c]:
-                    x = fn.gaussian_blur(x, sigma=sigma[c])
+                    x = fn.gaussian_blur(x, sigma=sigma[c], **blur_window)
                 if solarize[c]:
                     x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
                 x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)

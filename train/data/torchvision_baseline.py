@@ -43,7 +43,7 @@ class MultiCropTransform:
 
         def blur(p: float):
             # DINOv2's GaussianBlur: kernel 9, sigma ~ U(0.1, 2.0), applied with probability p
-            return T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=cfg.blur_sigma)], p=p)
+            return T.RandomApply([T.GaussianBlur(kernel_size=cfg.blur_kernel_size or 9, sigma=cfg.blur_sigma)], p=p)
 
         self.global1 = T.Compose([
             T.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, interpolation=interp),
