@@ -2,7 +2,7 @@
 
 1. CIFAR-10 (../shared/data/cifar10.tar.gz) is extracted and sharded with
    ``webcurate.shards.ingest.ingest_folder`` (train: 50k, test: 10k), cached in bench/_work.
-2. ``webcurate.train.loop.train`` pretrains examples/train_cifar_tiny.yaml on the train
+2. ``webcurate.train.loop.train`` pretrains docs/examples/train_cifar_tiny.yaml on the train
    split WITHOUT labels for about ``--budget-min`` minutes of training: a short calibration
    measures seconds per step, and the schedules (lr/wd/momentum/teacher temp, in epochs)
    are sized to the number of steps that fit, so warm-ups and decays complete in the run.
@@ -117,7 +117,7 @@ class RawPixels(nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-min", type=float, default=10.0, help="training wall-clock budget in minutes")
-    ap.add_argument("--config", default=os.path.join(ROOT, "examples", "train_cifar_tiny.yaml"))
+    ap.add_argument("--config", default=os.path.join(ROOT, "docs", "examples", "train_cifar_tiny.yaml"))
     ap.add_argument("--workdir", default=os.path.join(HERE, "_work", "train_quality"))
     ap.add_argument("--quick", action="store_true", help="1 minute on 5k train / 1k test images")
     ap.add_argument("--threads", type=int, default=2, help="CPU cores to use in all")

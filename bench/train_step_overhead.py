@@ -7,7 +7,7 @@ Bare: the same student forward + backward (a trivial loss on the same head
 outputs) and the same teacher forward, nothing else. Same shapes, same
 threads, alternating measurements; the ratio is full / bare (target <= 1.10).
 
-    .venv/bin/python bench/train_step_overhead.py [--quick] [--config examples/train_cifar_tiny.yaml] [k=v ...]
+    .venv/bin/python bench/train_step_overhead.py [--quick] [--config docs/examples/train_cifar_tiny.yaml] [k=v ...]
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def make_batch(cfg, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=os.path.join(ROOT, "examples", "train_cifar_tiny.yaml"))
+    ap.add_argument("--config", default=os.path.join(ROOT, "docs", "examples", "train_cifar_tiny.yaml"))
     ap.add_argument("--steps", type=int, default=20, help="measured steps per side")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

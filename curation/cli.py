@@ -120,7 +120,7 @@ def report(dataset, output):
 @click.command("curate")
 @click.option("--config", "config", required=True,
               help="YAML file (local or s3://) with input, output and one section per step; "
-                   "see examples/curate.yaml.")
+                   "see docs/examples/curate.yaml.")
 @click.option("--quiet", is_flag=True, help="Only the final summary table.")
 def curate(config, quiet):
     """Run embed -> dedup -> retrieve -> cluster -> sample -> export and the report.

@@ -5,7 +5,7 @@ export, then the HTML report. Every step is the same function its own
 subcommand runs, so every step resumes: a step whose output is complete
 with the same parameters does nothing, a step killed half-way continues
 where it stopped. A step can be turned off with ``<step>: false``. The keys
-are documented in ``examples/curate.yaml``; unknown keys are refused so a
+are documented in ``docs/examples/curate.yaml``; unknown keys are refused so a
 typo never silently falls back to a default.
 """
 from __future__ import annotations

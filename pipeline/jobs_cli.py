@@ -75,7 +75,7 @@ def submit(address, working_dir, ship_package, env_pairs, forward_aws, pip_pkgs,
     \b
     Examples:
       webcurate submit --address http://HEAD:8265 -- webcurate curate --config curate.yaml
-      webcurate submit --working-dir . --no-wait -- webcurate run examples/pipeline.yaml
+      webcurate submit --working-dir . --no-wait -- webcurate run docs/examples/pipeline.yaml
       webcurate submit --env AWS_PROFILE=prod --env HF_TOKEN -- python scripts/x.py
     """
     import sys

@@ -14,7 +14,7 @@ def run(config: str, only: tuple[str, ...]) -> None:
     Each step takes the previous step's output as its input unless it names
     one, and is skipped or resumed when its output is already complete, so
     re-running after a failure continues where it stopped. See
-    examples/pipeline.yaml.
+    docs/examples/pipeline.yaml.
     """
     from .config_run import run_pipeline
 

@@ -12,7 +12,7 @@ import click
                    "backbone.safetensors go: a folder or s3:// prefix.")
 @click.option("--config", "config_path", default=None, metavar="YAML",
               help="Training config (sections model, dino, ibot, teacher, optim, run, loader); "
-                   "default: the DINOv2 recipe. See examples/train.yaml.")
+                   "default: the DINOv2 recipe. See docs/examples/train.yaml.")
 @click.option("--max-steps", type=int, default=None,
               help="Stop after this many optimiser steps in total (schedules keep the length set by "
                    "optim.epochs). Same as run.max_steps=N.")
@@ -33,7 +33,7 @@ def train(data: str, output: str, config_path: str | None, max_steps: int | None
 
     \b
       webcurate train --data s3://b/curated --output s3://b/runs/vits14 \\
-          --config examples/train.yaml --num-workers 8 optim.epochs=50 loader.batch_size=64
+          --config docs/examples/train.yaml --num-workers 8 optim.epochs=50 loader.batch_size=64
 
     The exported backbone.safetensors loads with `webcurate embed --checkpoint`
     and in stock timm (see webcurate.train.export).

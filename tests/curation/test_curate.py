@@ -10,7 +10,7 @@ import pytest
 from webcurate.pipeline.errors import ConfigError
 from webcurate.shards.dataset import Dataset
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "curate.yaml"
+EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "examples" / "curate.yaml"
 
 
 def _helpers():
@@ -39,7 +39,7 @@ def test_example_config_is_valid_and_documents_every_key():
         # Every key is set or shown commented out (alternatives such as embed.checkpoint).
         block = text.split(f"\n{section}:", 1)[1].split("\n\n", 1)[0]
         for key in keys:
-            assert re.search(rf"^\s*#?\s*{key}:", block, re.M), f"examples/curate.yaml does not document {section}.{key}"
+            assert re.search(rf"^\s*#?\s*{key}:", block, re.M), f"docs/examples/curate.yaml does not document {section}.{key}"
 
 
 @pytest.mark.parametrize("config, match", [

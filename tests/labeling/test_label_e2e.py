@@ -20,7 +20,7 @@ from webcurate.shards import storage
 from webcurate.shards.dataset import Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLE = os.path.join(HERE, "..", "..", "examples", "lfs_example.py")
+EXAMPLE = os.path.join(HERE, "..", "..", "docs", "examples", "lfs_example.py")
 
 
 def seeded_lfs(tmp_path, seed_root):

@@ -50,13 +50,13 @@ def test_every_manifest_parses_into_mappings():
     names = {p.relative_to(DEPLOY).as_posix() for p in MANIFESTS}
     assert {"ray-cluster-aws.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-curate.yaml",
             "kuberay/rayjob-train.yaml"} <= names
-    for path in [*MANIFESTS, REPO / "examples" / "pipeline.yaml"]:
+    for path in [*MANIFESTS, REPO / "docs" / "examples" / "pipeline.yaml"]:
         docs = _docs(path)
         assert docs and all(isinstance(d, dict) for d in docs), path
 
 
 @pytest.mark.parametrize("path", [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()),
-                                  REPO / "examples" / "pipeline.yaml"], ids=lambda p: p.name)
+                                  REPO / "docs" / "examples" / "pipeline.yaml"], ids=lambda p: p.name)
 def test_no_credentials_are_written_into_deploy_files(path):
     text = path.read_text(errors="replace")
     for pat in SECRET_PATTERNS:
@@ -304,7 +304,7 @@ def test_constraints_pin_every_package_and_match_the_tested_ray():
 
 
 def test_example_pipeline_chains_shard_curate_train_label_on_s3():
-    cfg = _docs(REPO / "examples" / "pipeline.yaml")[0]
+    cfg = _docs(REPO / "docs" / "examples" / "pipeline.yaml")[0]
     steps = [k for k in cfg if k in ("shard", "curate", "train", "embed_for_label", "label")]
     assert steps == ["shard", "curate", "train", "embed_for_label", "label"]
 
@@ -331,4 +331,4 @@ def test_example_pipeline_chains_shard_curate_train_label_on_s3():
         from webcurate.pipeline.config_run import load_pipeline
     except ImportError:
         return
-    load_pipeline(str(REPO / "examples" / "pipeline.yaml"))
+    load_pipeline(str(REPO / "docs" / "examples" / "pipeline.yaml"))

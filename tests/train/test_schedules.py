@@ -141,7 +141,7 @@ def test_example_configs_load(name):
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(os.path.join(root, "examples", name))
+    cfg = load_config(os.path.join(root, "docs", "examples", name))
     from webcurate.train.backbone import model_patch_size
     from webcurate.train.loop import resolve_config
 
