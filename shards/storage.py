@@ -16,6 +16,7 @@ non-AWS endpoint such as a local test server.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -119,6 +120,11 @@ def exists(uri: str) -> bool:
         raise _describe(e, uri, "stat") from e
 
 
+def _error_code(exc: BaseException) -> str:
+    """botocore's error code of ``exc`` ("NoSuchKey", "AccessDenied", "404", ...), else ""."""
+    return str(getattr(exc, "response", None) and exc.response.get("Error", {}).get("Code", "") or "")
+
+
 def _s3_get(uri: str) -> bytes:
     # boto3, not pyarrow: pyarrow's GetObject fails on a throttling (503 SlowDown) answer
     # with "Failed to flush response stream" instead of retrying it.
@@ -126,8 +132,20 @@ def _s3_get(uri: str) -> bytes:
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except Exception as e:  # noqa: BLE001 - botocore raises many types; report them uniformly
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(uri) from e
+        raise _describe(e, uri, "read") from e
+
+
+@contextlib.contextmanager
+def _local_read_errors(uri: str) -> Iterator[None]:
+    """Map pyarrow's local read failures: missing -> FileNotFoundError, else StorageError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "Path does not exist" in str(e):
             raise FileNotFoundError(uri) from e
         raise _describe(e, uri, "read") from e
 
@@ -137,15 +155,8 @@ def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         return _s3_get(uri)
     fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path, compression=None) as f:  # no transparent .gz decoding
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        if "Path does not exist" in str(e) or "NoSuchKey" in str(e):
-            raise FileNotFoundError(uri) from e
-        raise _describe(e, uri, "read") from e
+    with _local_read_errors(uri), fs.open_input_stream(path, compression=None) as f:  # no .gz decoding
+        return f.read()
 
 
 def open_input_file(uri: str):
@@ -166,14 +177,8 @@ def read_parquet(uri: str, columns: list[str] | None = None):
     if is_s3(uri):  # one retried GET (see _s3_get); index and sidecar parts fit in memory
         return pq.read_table(pa.BufferReader(_s3_get(uri)), columns=columns)
     fs, path = filesystem(uri)
-    try:
+    with _local_read_errors(uri):
         return pq.read_table(path, filesystem=fs, columns=columns)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        if "Path does not exist" in str(e) or "NoSuchKey" in str(e):
-            raise FileNotFoundError(uri) from e
-        raise _describe(e, uri, "read") from e
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -267,8 +272,7 @@ def _require_bucket(uri: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except Exception as e:  # noqa: BLE001 - botocore's ClientError and connection errors
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
-        if code in ("404", "NoSuchBucket"):
+        if _error_code(e) in ("404", "NoSuchBucket"):
             raise StorageError(f"list {uri} failed: bucket {bucket!r} does not exist") from e
         raise _describe(e, uri, "list") from e
 

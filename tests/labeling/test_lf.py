@@ -1,7 +1,6 @@
 """Labelling functions: the decorator, LF files, vote checking, Snorkel style."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import textwrap
 
@@ -169,19 +168,13 @@ def test_classes_come_from_one_place_or_agree():
 SNORKEL_STYLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snorkel_style_lfs.py")
 
 
-def snorkel_available() -> bool:
-    return importlib.util.find_spec("snorkel") is not None
-
-
 def test_snorkel_style_lfs_run_unchanged(tmp_path):
-    """Runs real Snorkel LFs when snorkel is importable; otherwise the same
-    file defines the interface Snorkel's objects have (a callable object with
-    ``.name`` taking a row with attribute access) and that is what runs."""
+    """Real Snorkel LFs (``snorkel.labeling.labeling_function``, rows with attribute
+    access, ``resources``) load and vote through our records without changes."""
     lfset = load_lf_file(SNORKEL_STYLE)
     assert lfset.names == ["lf_cat", "lf_dog"]
     assert all(is_lf_like(lf) for lf in lfset.lfs)
-    if snorkel_available():
-        assert type(lfset.lfs[0]).__module__.startswith("snorkel")
+    assert type(lfset.lfs[0]).__module__.startswith("snorkel"), "the file must use Snorkel's own decorator"
     recs = [Record(caption="My Cat"), Record(caption="a puppy"), Record(caption="a car")]
     L, errors = apply_to_records(lfset.lfs, recs, lfset.classes)
     assert L.tolist() == [[0, -1], [-1, 1], [-1, -1]]

@@ -59,6 +59,15 @@ def test_access_denied_is_one_clear_error_for_read_write_and_list(faulty_s3, s3_
         storage.list_dir(storage.join(bucket, "private"))
 
 
+def _new_dataset(bucket: str, num_shards: int) -> str:
+    from webcurate.shards import manifest
+
+    root = storage.join(bucket, "ds")
+    storage.makedirs(root)
+    manifest.save(root, manifest.new("shard", {"test": True}, parent=None, num_shards=num_shards))
+    return root
+
+
 def _write_shard(root: str, shard: int) -> None:
     from webcurate.shards import manifest
     from webcurate.shards.writer import ShardWriter
@@ -72,12 +81,8 @@ def _write_shard(root: str, shard: int) -> None:
 
 def test_a_shard_committed_under_throttling_is_complete_and_a_failed_one_is_not_published(faulty_s3, s3_fault):
     Fault = s3_fault
-    from webcurate.shards import manifest
-
     proxy, bucket = faulty_s3
-    root = storage.join(bucket, "ds")
-    storage.makedirs(root)
-    manifest.save(root, manifest.new("shard", {"test": True}, parent=None, num_shards=2))
+    root = _new_dataset(bucket, num_shards=2)
     proxy.add(Fault("PUT", "/shards/00000.tar", 503, times=2))
     proxy.add(Fault("PUT", "/index/00000.parquet", 503, times=1))
     _write_shard(root, 0)
@@ -93,11 +98,7 @@ def test_a_shard_committed_under_throttling_is_complete_and_a_failed_one_is_not_
 def test_a_denied_index_read_is_a_storage_error_naming_the_object(faulty_s3, s3_fault):
     Fault = s3_fault
     proxy, bucket = faulty_s3
-    root = storage.join(bucket, "ds")
-    storage.makedirs(root)
-    from webcurate.shards import manifest
-
-    manifest.save(root, manifest.new("shard", {"test": True}, parent=None, num_shards=1))
+    root = _new_dataset(bucket, num_shards=1)
     _write_shard(root, 0)
     proxy.add(Fault("GET", "/index/00000.parquet", 403, times=None))
     proxy.add(Fault("HEAD", "/index/00000.parquet", 403, times=None))
