@@ -1,6 +1,6 @@
 """Example labelling functions for ``webcurate label``.
 
-    webcurate label --input DATASET --lfs examples/lfs_example.py --output OUT
+    webcurate label --input DATASET --lfs docs/examples/lfs_example.py --output OUT
 
 An LF gets one sample record ``x`` (``x.caption``, ``x.url``, ``x.width``,
 ``x.height``, any index/json field, ``x.embedding`` and ``x.level_1`` ... when
