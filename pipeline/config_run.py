@@ -155,8 +155,8 @@ def run_embed_for_label_step(sec: dict[str, Any]) -> StepResult:
 
 def label_is_complete(sec: dict[str, Any]) -> bool:
     """True when ``sec['output']`` is a finished `webcurate label` export of the same LF file
-    (by content) with the same selection options."""
-    from webcurate.curation.labeling.lf import load_lf_file
+    (by content: the file is read, not executed) with the same selection options."""
+    from webcurate.curation.labeling.lf import read_source, source_sha
     from webcurate.curation.labeling.workflow import MODEL_FILE
     from webcurate.shards import manifest as manifest_mod, storage
     from webcurate.shards.dataset import Dataset
@@ -166,7 +166,7 @@ def label_is_complete(sec: dict[str, Any]) -> bool:
         return False
     m = manifest_mod.load(out) or {}
     params = m.get("parameters") or {}
-    if m.get("stage") != "label" or params.get("lf_sha") != load_lf_file(sec["lfs"]).sha:
+    if m.get("stage") != "label" or params.get("lf_sha") != source_sha(read_source(sec["lfs"])):
         return False
     if (params.get("min_confidence"), params.get("per_class_cap")) != (
             float(sec.get("min_confidence", 0.0)), sec.get("per_class_cap")):

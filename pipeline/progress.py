@@ -35,23 +35,16 @@ def print_summary(result: Any, title: str, rate_key: str = "total", totals: dict
     ``totals`` (the manifest's counts over every complete shard) adds a column for
     the whole dataset, so a resumed run still shows what the dataset holds.
     """
-    counts = result.counts
-    n = counts.get(rate_key, 0)
-    shards = f"{len(result.done)} / {len(result.skipped)} / {len(result.failed)}"
-    if totals is None:
-        rows: list[tuple[Any, ...]] = [(k, v) for k, v in counts.items()]
-        rows.append(("shards done / skipped / failed", shards))
-        rows.append(("seconds", f"{result.seconds:.1f}"))
-        if result.seconds > 0 and n:
-            rows.append((f"{rate_key}/s", f"{n / result.seconds:.1f}"))
-        print_table(title, rows, ("what", "count"))
-        return
-    keys = list(totals) + [k for k in counts if k not in totals]
-    rows = [(k, counts.get(k, 0), totals.get(k, 0)) for k in keys]
-    rows.append(("shards done / skipped / failed", shards, ""))
-    rows.append(("seconds", f"{result.seconds:.1f}", ""))
-    if result.seconds > 0:
-        for key in dict.fromkeys((rate_key, "ok")):
-            if counts.get(key):
-                rows.append((f"{key}/s", f"{counts[key] / result.seconds:.1f}", ""))
-    print_table(title, rows, ("what", "this run", "dataset"))
+    counts = result.counts  # summed over shards on each access
+    columns = [counts] if totals is None else [counts, totals]
+    pad = ("",) * (len(columns) - 1)
+    keys = dict.fromkeys([*(totals or {}), *counts])
+    rows: list[tuple[Any, ...]] = [(k, *(c.get(k, 0) for c in columns)) for k in keys]
+    rows.append(("shards done / skipped / failed",
+                 f"{len(result.done)} / {len(result.skipped)} / {len(result.failed)}", *pad))
+    rows.append(("seconds", f"{result.seconds:.1f}", *pad))
+    rate_keys = (rate_key,) if totals is None else dict.fromkeys((rate_key, "ok"))
+    for key in rate_keys:
+        if result.seconds > 0 and counts.get(key):
+            rows.append((f"{key}/s", f"{counts[key] / result.seconds:.1f}", *pad))
+    print_table(title, rows, ("what", "count") if totals is None else ("what", "this run", "dataset"))

@@ -8,8 +8,8 @@ Ray Train (``ray.train.report``) to the run's storage path (local or S3):
   position: epoch and batches already consumed in it), student and teacher
   state dicts, optimizer state, DINO/iBOT centers, ``model_name`` /
   ``model_kwargs``, the config;
-- ``rng-rank<r>.pt`` (every rank): torch (CPU and CUDA), numpy and Python RNG
-  states, since drop-path draws differ per worker;
+- ``rng-rank<r>.pt`` (every rank, also ``weights_only``-safe): torch (CPU and
+  CUDA), numpy and Python RNG states, since drop-path draws differ per worker;
 - ``meta.json``: step and positions, for people and listings.
 """
 from __future__ import annotations
@@ -56,11 +56,13 @@ def list_checkpoints(output: str) -> list[tuple[int, str]]:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU/CUDA, numpy, Python)."""
+    """This process's RNG states (torch CPU/CUDA, numpy, Python), in types that
+    ``torch.load(weights_only=True)`` accepts: tensors, tuples, ints, floats, strings."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
+        "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "python": random.getstate(),
     }
 
@@ -69,7 +71,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
 
 
@@ -89,8 +92,7 @@ def read_checkpoint(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, A
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{folder} is not a webcurate training checkpoint")
     rng_file = os.path.join(folder, f"rng-rank{rank}.pt")
-    # Our own file: it holds numpy/Python RNG tuples, which weights_only refuses.
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if os.path.exists(rng_file) else None
+    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if os.path.exists(rng_file) else None
     return state, rng
 
 

@@ -2,12 +2,11 @@
 
 ``export_backbone`` writes the timm ViT's own state dict (no mask token, no
 heads) with metadata naming the timm architecture and its keyword arguments,
-so the file loads in stock timm::
+so the file loads in stock timm from the local file alone::
 
     meta = safetensors.safe_open(path, "pt").metadata()
-    model = timm.create_model(meta["model_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=path),
-                              **json.loads(meta["model_kwargs"]))
+    model = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"]))
+    model.load_state_dict(safetensors.torch.load_file(path))
 
 (``num_classes=0`` is part of those kwargs: the file holds no classifier.)
 
@@ -85,19 +84,15 @@ def read_metadata(path: str) -> dict[str, str]:
 
 
 def _create_from_safetensors(path: str, model_name: str | None) -> nn.Module:
-    import timm
+    from safetensors.torch import load_file
 
     meta = read_metadata(path)
     name = model_name or meta.get("model_name")
     if not name:
         raise ValueError(f"{path} does not name its timm architecture; pass model_name")
     kwargs = json.loads(meta["model_kwargs"]) if "model_kwargs" in meta else {"num_classes": 0}
-    # The documented stock-timm route: proves the file loads without webcurate.
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(path)),
-                              **kwargs)
-    model.webcurate_info = {"model": name, "model_kwargs": kwargs,  # type: ignore[attr-defined]
-                            "image_size": kwargs.get("img_size"), "dim": int(model.num_features)}
-    return model
+    # The local tensors into the named architecture: timm's pretrained machinery (and its hub) is never asked.
+    return _from_state(load_file(path), name, kwargs, path)
 
 
 def _strip_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

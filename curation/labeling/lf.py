@@ -205,9 +205,12 @@ class LFSet:
     @property
     def sha(self) -> str:
         """Fingerprint of the LF code: changes restart the votes stage."""
-        if self.source is not None:
-            return hashlib.sha256(self.source.encode("utf-8")).hexdigest()[:16]
-        return hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:16]
+        return source_sha(self.source if self.source is not None else "\n".join(self.names))
+
+
+def source_sha(source: str) -> str:
+    """The fingerprint ``LFSet.sha`` gives LF source text, without executing it."""
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
 
 
 # Modules executed from LF source in this process, by source hash: a Ray

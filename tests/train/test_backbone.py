@@ -100,13 +100,14 @@ def test_dino_head_shapes_and_weight_normalised_prototypes():
 
 def test_exported_safetensors_load_in_stock_timm(tmp_path):
     import timm
+    from safetensors.torch import load_file
 
     torch.manual_seed(0)
     bb = build_backbone(tiny(reg_tokens=1), 32).eval()
     path = export_backbone(bb, str(tmp_path / "backbone.safetensors"))
     meta = read_metadata(path)
-    model = timm.create_model(meta["model_name"], pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                              **json.loads(meta["model_kwargs"])).eval()
+    model = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"])).eval()
+    model.load_state_dict(load_file(path))  # stock timm + safetensors, from the local file only
     x = images(2)
     with torch.no_grad():
         assert torch.allclose(model(x), bb(x)["cls"], atol=1e-6)
@@ -128,7 +129,7 @@ def test_load_backbone_from_plain_state_dict_needs_a_model_name(tmp_path):
     torch.save({k: v for k, v in bb.vit.state_dict().items()}, p)
     from webcurate.train.export import _from_state
 
-    model = _from_state(torch.load(p), "vit_tiny_patch16_224", bb.model_kwargs, str(p)).eval()
+    model = _from_state(torch.load(p, weights_only=True), "vit_tiny_patch16_224", bb.model_kwargs, str(p)).eval()
     with torch.no_grad():
         assert torch.allclose(model(images(1)), bb(images(1))["cls"], atol=1e-6)
 

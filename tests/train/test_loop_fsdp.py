@@ -63,7 +63,7 @@ def test_fsdp_matches_ddp_and_restores_from_its_checkpoint_state(tmp_path):
     for p in procs:
         log, _ = p.communicate(timeout=300)
         assert p.returncode == 0, log.decode()[-3000:]
-    out = torch.load(tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
     ddp, fsdp = out[False], out[True]
     assert all(abs(a - b) < 1e-5 for a, b in zip(ddp["losses"], fsdp["losses"])), (ddp["losses"], fsdp["losses"])
     for part in ("student", "teacher"):

@@ -15,7 +15,7 @@ WORKER = textwrap.dedent("""
     from webcurate.train.losses import DINOLoss, iBOTPatchLoss, sinkhorn_knopp
     rank, tmp = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
-    data = torch.load(f"{tmp}/inputs.pt")
+    data = torch.load(f"{tmp}/inputs.pt", weights_only=True)
     dino = data["dino"].chunk(2)[rank]
     ibot = data["ibot"][:10] if rank == 0 else data["ibot"][10:]  # unequal masked-patch counts
     out = {"dino_sk": sinkhorn_knopp(dino, 0.05, 3), "ibot_sk": sinkhorn_knopp(ibot, 0.05, 3),
@@ -40,7 +40,7 @@ def test_sinkhorn_and_centers_over_two_gloo_workers_equal_single_process(tmp_pat
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out.decode()[-2000:]
-    r0, r1 = (torch.load(tmp_path / f"out{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"out{r}.pt", weights_only=True) for r in (0, 1))
 
     assert torch.allclose(torch.cat([r0["dino_sk"], r1["dino_sk"]]), sinkhorn_knopp(dino, 0.05, 3), atol=1e-6)
     assert torch.allclose(torch.cat([r0["ibot_sk"], r1["ibot_sk"]]), sinkhorn_knopp(ibot, 0.05, 3), atol=1e-6)
