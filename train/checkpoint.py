@@ -86,15 +86,39 @@ def write_checkpoint(folder: str, *, rank: int, state: dict[str, Any] | None, me
             json.dump(meta, f, indent=2, sort_keys=True, default=str)
 
 
-def read_checkpoint(folder: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state, rng state of ``rank`` or None when that rank did not exist) from a local folder."""
-    state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+def checkpoint_uri(ckpt: Any) -> str:
+    """The local path or ``s3://`` URI of a ``ray.train.Checkpoint``."""
+    import pyarrow.fs as pafs
+
+    if isinstance(ckpt.filesystem, pafs.LocalFileSystem):
+        return ckpt.path
+    if isinstance(ckpt.filesystem, pafs.S3FileSystem):
+        return "s3://" + ckpt.path.lstrip("/")
+    raise ValueError(f"checkpoint on an unsupported filesystem {ckpt.filesystem.type_name!r}: {ckpt.path}")
+
+
+def read_checkpoint(uri: str, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state, rng state of ``rank`` or None when that rank did not exist) of the checkpoint at ``uri``.
+
+    Read object by object into memory rather than through ``Checkpoint.as_directory``:
+    Ray's shared per-node download folder can be re-downloaded by one worker while
+    another is still reading it (a torn ``state.pt``), and each rank needs only
+    ``state.pt`` and its own RNG file.
+    """
+    import io
+
+    from webcurate.shards import storage
+
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE_FILE))),
+                       map_location="cpu", weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{folder} is not a webcurate training checkpoint")
-    rng_file = os.path.join(folder, f"rng-rank{rank}.pt")
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if os.path.exists(rng_file) else None
-    return state, rng
+        raise ValueError(f"{uri} is not a webcurate training checkpoint")
+    try:
+        rng_bytes = storage.read_bytes(storage.join(uri, f"rng-rank{rank}.pt"))
+    except FileNotFoundError:
+        return state, None
+    return state, torch.load(io.BytesIO(rng_bytes), map_location="cpu", weights_only=True)
 
 
 __all__ = ["RUN_NAME", "checkpoint_dir_name", "list_checkpoints", "rng_state", "set_rng_state",
-           "write_checkpoint", "read_checkpoint"]
+           "write_checkpoint", "read_checkpoint", "checkpoint_uri"]

@@ -483,7 +483,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from .checkpoint import read_checkpoint, set_rng_state, write_checkpoint
+    from .checkpoint import checkpoint_uri, read_checkpoint, set_rng_state, write_checkpoint
     from .schedules import Schedules
     from .step import TrainStep
 
@@ -508,8 +508,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     step, data_epoch, data_batch, rng, state = 0, 0, 0, None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state, rng = read_checkpoint(d, rank)
+        state, rng = read_checkpoint(checkpoint_uri(ckpt), rank)
         step, data_epoch, data_batch = int(state["step"]), int(state["data_epoch"]), int(state["data_batch"])
         if rng is None and rank == 0:
             print(f"[train] checkpoint has no RNG state for rank {rank}: drop-path draws will differ")

@@ -71,3 +71,30 @@ def test_resumed_two_worker_run_on_s3_sees_the_same_batches_and_weights(s3_bucke
     model = load_backbone(local)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 48)
     assert os.path.getsize(local) > 0
+
+
+def test_checkpoint_reads_straight_from_its_s3_uri_without_a_shared_download_folder(s3_bucket, tmp_path):
+    """Each rank reads ``state.pt`` and its own RNG file from the checkpoint's URI; a rank
+    that did not exist when it was written gets ``None`` (Ray's per-node download folder
+    was shared by ranks and could be rewritten under a reader)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from webcurate.train.checkpoint import checkpoint_uri, read_checkpoint, write_checkpoint
+
+    local = str(tmp_path / "checkpoint_00000003")
+    write_checkpoint(local, rank=0, state={"step": 3, "w": torch.arange(5.0)}, meta={"step": 3})
+    remote = f"{s3_bucket}/run/train/checkpoint_00000003"
+    for name in os.listdir(local):
+        storage.put_file(os.path.join(local, name), storage.join(remote, name))
+
+    s3_ckpt = Checkpoint(remote[len("s3://"):], filesystem=pafs.S3FileSystem(
+        endpoint_override=storage.endpoint_url(), region="us-east-1"))
+    assert checkpoint_uri(s3_ckpt) == remote
+    assert checkpoint_uri(Checkpoint.from_directory(local)) == local
+    for uri in (remote, local):
+        state, rng = read_checkpoint(uri, rank=0)
+        assert state["step"] == 3 and torch.equal(state["w"], torch.arange(5.0))
+        assert set(rng) == {"torch", "cuda", "numpy", "python"}
+        state, rng = read_checkpoint(uri, rank=1)
+        assert rng is None and state["step"] == 3
