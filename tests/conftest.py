@@ -6,7 +6,6 @@ in-process once per test session with a small object store.
 """
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
@@ -15,7 +14,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("WEBCURATE_QUIET", "1")
@@ -23,6 +21,10 @@ os.environ.setdefault("WEBCURATE_QUIET", "1")
 # k-means 10x slower. Must be set before faiss loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Tests are not a package: helpers import the shared photo recipe as ``photos``.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from photos import jpeg_bytes, make_photo  # noqa: E402,F401 - shared with the test helpers
 
 
 def free_port() -> int:
@@ -104,27 +106,6 @@ def ray_local(s3_server):
                  ignore_reinit_error=True, log_to_driver=False)
     yield ray
     # Left running on purpose: later tests reuse it; Ray stops at interpreter exit.
-
-
-def make_photo(seed: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 that JPEG-compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
-    from PIL import Image
-
-    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 @pytest.fixture

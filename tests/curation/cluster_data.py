@@ -8,7 +8,6 @@ embeddings whose structure the test controls. Loaded by the tests through
 """
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -16,26 +15,7 @@ import pyarrow as pa
 from webcurate.shards import manifest as manifest_mod
 from webcurate.shards.dataset import Dataset
 from webcurate.shards.writer import ShardWriter
-
-
-def make_photo(seed: int, size: tuple[int, int] = (48, 40)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 (as tests/conftest.py makes them)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 16, 2), max(w // 16, 2), 3), dtype=np.uint8)
-    arr = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC)).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from photos import jpeg_bytes, make_photo
 
 
 def mixture(dim: int, sizes: list[int], *, spread: float = 0.35, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +47,7 @@ def write_dataset(root: str, n: int, *, shard_size: int, image_size: tuple[int, 
     for s in range(num_shards):
         w = ShardWriter(root, s)
         for i in range(s * shard_size, min(n, (s + 1) * shard_size)):
-            img = jpeg_bytes(make_photo(copies.get(i, i), image_size), quality=60 if i in copies else 90)
+            img = jpeg_bytes(make_photo(copies.get(i, i), image_size, cell=16), quality=60 if i in copies else 90)
             w.add(keys[i], img, "jpg", {"source": f"test/{i}.jpg", "width": image_size[0],
                                         "height": image_size[1], "label": labels[i] if labels else None})
         manifest_mod.record_shard(root, s, w.commit())

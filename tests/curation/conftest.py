@@ -6,12 +6,12 @@ live in ``search_data.py`` beside this file, loaded by path (pytest runs with
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 
 import pytest
+
+from helpers import load_helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,13 +22,7 @@ SEARCH_IMAGE_SIZE = 64
 
 
 def _load_search_data():
-    name = "webcurate_tests_curation_search_data"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "search_data.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_helper(os.path.join(HERE, "search_data.py"))
 
 
 @pytest.fixture(scope="session")

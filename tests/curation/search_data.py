@@ -15,25 +15,9 @@ from PIL import Image
 
 from webcurate.shards import manifest as manifest_mod
 from webcurate.shards.writer import ShardWriter
+from photos import jpeg_bytes, make_photo  # noqa: F401 - re-exported for the tests
 
 VARIANTS = ("quality", "crop", "resize")
-
-
-def make_photo(seed: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 (same recipe as tests/conftest.py)."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def near_duplicate(arr: np.ndarray, kind: str) -> bytes:

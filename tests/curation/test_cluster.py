@@ -1,25 +1,18 @@
 """`webcurate cluster` as a stage: sidecar, centroids, resume, subsets, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import pathlib
 
 import numpy as np
 import pytest
 
+from helpers import load_helper
 from webcurate.shards import manifest as manifest_mod
 from webcurate.shards.dataset import Dataset, DatasetError
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("cluster_data", pathlib.Path(__file__).with_name("cluster_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _helpers()
+cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 N, SHARD = 150, 50
 
 

@@ -2,25 +2,18 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import pathlib
 
 import pytest
 
+from helpers import load_helper
 from webcurate.pipeline.errors import ConfigError
 from webcurate.shards.dataset import Dataset
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "examples" / "curate.yaml"
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("cluster_data", pathlib.Path(__file__).with_name("cluster_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _helpers()
+cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 
 
 def test_example_config_is_valid_and_documents_every_key():

@@ -1,26 +1,18 @@
 """Hierarchical k-means with resampling (real faiss) on synthetic mixtures."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import warnings
 
 import numpy as np
 import pytest
 
+from helpers import load_helper
 from webcurate.curation import kmeans as km
 from webcurate.curation.sampling import balanced_sample, size_entropy
 
 
-def _helpers():
-    path = pathlib.Path(__file__).with_name("cluster_data.py")
-    spec = importlib.util.spec_from_file_location("cluster_data", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _helpers()
+cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 
 # 30 blobs whose sizes fall off like a power law: 4005 points down to 29.
 SKEWED = [int(4000 / (i + 1) ** 1.5) + 5 for i in range(30)]

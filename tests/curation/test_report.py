@@ -1,23 +1,16 @@
 """`webcurate report`: a self-contained HTML page with a section per stage that ran."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 
 import pytest
 
+from helpers import load_helper
 from webcurate.shards.dataset import DatasetError
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("cluster_data", pathlib.Path(__file__).with_name("cluster_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _helpers()
+cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 
 
 @pytest.fixture(scope="module")

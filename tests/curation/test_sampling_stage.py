@@ -1,24 +1,17 @@
 """`webcurate sample` as a stage: exact target, only clustered keys, resume, warnings."""
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
+from helpers import load_helper
 from webcurate.shards.dataset import Dataset, DatasetError
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("cluster_data", pathlib.Path(__file__).with_name("cluster_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cd = _helpers()
+cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 N = 120
 
 

@@ -19,13 +19,11 @@ given as ``127.0.0.1:<port>``; the dashboard binds to 127.0.0.1 only. Auth is
 Ray's token mode with a token made for this cluster (``cluster.env()`` carries
 it), so it neither depends on nor touches ``~/.ray/auth_token``.
 
-Use it from a test (``--import-mode=importlib`` puts no test folder on
-``sys.path``, so load it by path)::
+Use it from a test (``--import-mode=importlib``: test folders are not packages,
+so load it by path with ``tests/helpers.py``)::
 
-    import importlib.util, pathlib
-    spec = importlib.util.spec_from_file_location(
-        "wc_ray_cluster", pathlib.Path(__file__).parent / "ray_cluster.py")
-    ray_cluster = importlib.util.module_from_spec(spec); spec.loader.exec_module(ray_cluster)
+    from helpers import load_helper
+    ray_cluster = load_helper(pathlib.Path(__file__).parent / "ray_cluster.py")
 
     with ray_cluster.local_ray_cluster(num_nodes=2) as cluster:
         subprocess.run([...], env=cluster.env())      # drivers get RAY_ADDRESS

@@ -8,9 +8,7 @@ duplicates nothing.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
-import os
 import pathlib
 import subprocess
 import sys
@@ -24,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import load_helper
 from webcurate.pipeline.demo_corpus import LoopbackServer
 from webcurate.shards import Dataset, storage
 from webcurate.shards.keys import make_key
@@ -32,13 +31,6 @@ HERE = pathlib.Path(__file__).parent
 WEBCURATE = str(pathlib.Path(sys.executable).parent / "webcurate")
 
 pytestmark = pytest.mark.slow
-
-
-def _load_cluster_module():
-    spec = importlib.util.spec_from_file_location("wc_ray_cluster_e2e", HERE / "ray_cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _photos(folder: pathlib.Path, n: int, size: int = 64) -> list[str]:
@@ -90,7 +82,7 @@ def _env(cluster, s3_server: str) -> dict[str, str]:
 
 
 def test_shard_curate_train_label_on_two_nodes_and_s3(tmp_path, s3_bucket, s3_server):
-    ray_cluster = _load_cluster_module()
+    ray_cluster = load_helper(HERE / "ray_cluster.py")
     names = _photos(tmp_path / "web", 48)
     (tmp_path / "lfs.py").write_text(LFS)
     with LoopbackServer(str(tmp_path / "web")) as server, \
@@ -173,14 +165,6 @@ def test_shard_curate_train_label_on_two_nodes_and_s3(tmp_path, s3_bucket, s3_se
     assert seen == len(lab_keys)
 
 
-def _load_image_server():
-    spec = importlib.util.spec_from_file_location("wc_http_server_e2e", HERE.parent / "shards" / "http_server.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _completed(uri: str) -> list[int]:
     import json
 
@@ -190,8 +174,8 @@ def _completed(uri: str) -> list[int]:
 
 
 def test_killing_the_worker_node_mid_shard_loses_and_duplicates_nothing(tmp_path, s3_bucket, s3_server):
-    ray_cluster = _load_cluster_module()
-    http = _load_image_server()
+    ray_cluster = load_helper(HERE / "ray_cluster.py")
+    http = load_helper(HERE.parent / "shards" / "http_server.py")
     aws = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     with http.ImageServer() as server, \
             ray_cluster.local_ray_cluster(num_nodes=2, cpus_per_node=1, dashboard=False, extra_env=aws) as cluster:

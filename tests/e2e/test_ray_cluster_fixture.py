@@ -7,7 +7,6 @@ stopping leaves no process of the cluster behind.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,15 +16,10 @@ from pathlib import Path
 
 import pytest
 
-
-def _load_ray_cluster():
-    spec = importlib.util.spec_from_file_location("wc_ray_cluster", Path(__file__).parent / "ray_cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_helper
 
 
-ray_cluster = _load_ray_cluster()
+ray_cluster = load_helper(Path(__file__).parent / "ray_cluster.py")
 
 # Each task reports which node ran it: the node marker every process of a node inherits.
 _WHERE = """

@@ -1,15 +1,13 @@
 """Fixtures for the labelling tests: small datasets made by datagen.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("labeling_datagen", os.path.join(_here, "datagen.py"))
-datagen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(datagen)
+from helpers import load_helper
+
+datagen = load_helper(os.path.join(os.path.dirname(os.path.abspath(__file__)), "datagen.py"))
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import textwrap
 
 import numpy as np
-import pytest
 
 from webcurate.curation.labeling.apply import STAGE, apply_lfs, read_votes
 from webcurate.curation.labeling.lf import load_lf_file

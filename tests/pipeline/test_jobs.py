@@ -9,7 +9,6 @@ would kill other people's Ray on this machine). Commands run as the real
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,15 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_helper
 from webcurate.pipeline import jobs
-
-
-def _load_ray_cluster():
-    spec = importlib.util.spec_from_file_location(
-        "wc_ray_cluster_jobs", Path(__file__).resolve().parents[1] / "e2e" / "ray_cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 WEBCURATE = str(Path(sys.executable).parent / "webcurate")
@@ -132,7 +124,7 @@ def test_submit_to_an_unreachable_address_fails_in_one_line_naming_it():
 
 @pytest.fixture(scope="module")
 def head():
-    rc = _load_ray_cluster()
+    rc = load_helper(Path(__file__).resolve().parents[1] / "e2e" / "ray_cluster.py")
     with rc.local_ray_cluster(num_nodes=1, cpus_per_node=1, dashboard=True) as cluster:
         yield cluster
 

@@ -5,24 +5,17 @@ with --import-mode=importlib and tests/ is not a package).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
+
+from helpers import load_helper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load(name: str):
-    modname = f"webcurate_tests_shards_{name}"
-    if modname in sys.modules:
-        return sys.modules[modname]
-    spec = importlib.util.spec_from_file_location(modname, os.path.join(HERE, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[modname] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_helper(os.path.join(HERE, f"{name}.py"))
 
 
 @pytest.fixture(scope="session")

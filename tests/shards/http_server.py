@@ -42,7 +42,6 @@ Run standalone (benchmarks, manual checks)::
 from __future__ import annotations
 
 import collections
-import importlib.util
 import os
 import re
 import sys
@@ -54,19 +53,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 
-def _load_imagegen():
-    """The sibling ``imagegen`` module, loaded by path (tests are not a package)."""
-    name = "webcurate_tests_shards_imagegen"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagegen.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+# Run as a script too (its own process): put tests/ on sys.path for the shared helper loader.
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import load_helper  # noqa: E402
 
-
-gen = _load_imagegen()
+gen = load_helper(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagegen.py"))
 
 # Paths of the bad cases, by name (tests pair them with the expected outcome).
 BAD_CASES: dict[str, str] = {

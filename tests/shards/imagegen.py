@@ -9,33 +9,18 @@ from __future__ import annotations
 import io
 import os
 import struct
+import sys
 import zlib
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 
-
-def make_photo(seed: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 that JPEG-compresses like a photo.
-
-    ``size`` is (width, height). Same as ``make_photo`` in tests/conftest.py.
-    """
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    """Encode an (H, W, 3) uint8 array as JPEG."""
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
+# tests/ holds the shared photo recipe; the HTTP server process loads this file without conftest.
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from photos import jpeg_bytes, make_photo  # noqa: E402
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()

@@ -2,7 +2,6 @@
 transient, otherwise one clear error naming the object, and never a partial dataset."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -1,23 +1,17 @@
 """Fixtures of the training tests: a tiny sharded dataset made by the real ingest."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("train_data", os.path.join(os.path.dirname(__file__), "train_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_helper
 
 
 @pytest.fixture(scope="session")
 def train_helpers():
     """The helpers module ``tests/train/train_data.py`` (TINY overrides, image_tree)."""
-    return _helpers()
+    return load_helper(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_data.py"))
 
 
 @pytest.fixture

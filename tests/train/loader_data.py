@@ -5,26 +5,8 @@ so test folders are not packages and this is not a conftest).
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
-from PIL import Image
-
-
-def make_photo(seed: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 that JPEG-compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
-    arr = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC)).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+from photos import jpeg_bytes, make_photo  # noqa: F401 - re-exported for the tests
 
 
 def id_colour(i: int) -> tuple[int, int, int]:

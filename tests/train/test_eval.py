@@ -1,7 +1,6 @@
 """k-NN (DINO protocol) and linear-probe evaluation, feature extraction and `webcurate eval`."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_helper
 from webcurate.train.evaluate import (EvalError, encode_labels, extract_features, knn_eval, knn_predict,
                                       linear_probe)
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("wc_loader_data", Path(__file__).with_name("loader_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-H = _helpers()
+H = load_helper(Path(__file__).with_name("loader_data.py"))
 
 
 def blobs(n_per_class: int, n_classes: int, dim: int, spread: float, seed: int):

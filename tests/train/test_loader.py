@@ -1,7 +1,6 @@
 """The DALI multi-crop loader on real shards: shapes, masks, determinism, resume, sharding, S3, failures."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -9,19 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_helper
 from webcurate.shards.dataset import DatasetError
 from webcurate.train.data.config import LoaderConfig
 from webcurate.train.data.loader import LoaderError, batches_per_epoch, make_loader
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("wc_loader_data", Path(__file__).with_name("loader_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-H = _helpers()
+H = load_helper(Path(__file__).with_name("loader_data.py"))
 
 # Small crops keep the CPU pipeline fast; patch 8 on 64 px gives an 8x8 mask grid.
 SMALL = dict(global_size=64, local_size=32, n_local=3, patch_size=8, batch_size=4, shuffle_buffer=64,

@@ -1,24 +1,17 @@
 """The DALI loader and the torchvision/PIL baseline produce the same kind of batches."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
+from helpers import load_helper
 from webcurate.train.data.config import LoaderConfig
 from webcurate.train.data.loader import make_loader
 from webcurate.train.data.torchvision_baseline import make_torchvision_loader
 
 
-def _helpers():
-    spec = importlib.util.spec_from_file_location("wc_loader_data", Path(__file__).with_name("loader_data.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-H = _helpers()
+H = load_helper(Path(__file__).with_name("loader_data.py"))
 
 
 def _stats(batches: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import io
 import os
 
-import numpy as np
 from PIL import Image
+from photos import make_photo
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=48", "model.depth=2",
         "model.num_heads=2", "model.layerscale=null", "dino.n_prototypes=128", "dino.hidden_dim=64",
@@ -15,16 +15,6 @@ TINY = ["model.name=vit_tiny_patch16_224", "model.patch_size=8", "model.embed_di
         "run.num_workers=2", "run.report_every=100", "run.torch_threads=1"]
 
 
-def make_photo(seed: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
-    """A smooth random colour image (H, W, 3) uint8 that JPEG-compresses like a photo."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    small = rng.integers(0, 256, size=(max(h // 16, 2), max(w // 16, 2), 3), dtype=np.uint8)
-    arr = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC)).astype(np.int16)
-    arr += rng.integers(-12, 13, size=arr.shape, dtype=np.int16)
-    return np.clip(arr, 0, 255).astype(np.uint8)
-
-
 def image_tree(root: str, classes: int = 3, per_class: int = 8) -> str:
     """An ImageFolder tree of JPEGs; returns ``root``."""
     for c in range(classes):
@@ -32,7 +22,7 @@ def image_tree(root: str, classes: int = 3, per_class: int = 8) -> str:
         os.makedirs(d, exist_ok=True)
         for i in range(per_class):
             buf = io.BytesIO()
-            Image.fromarray(make_photo(100 * c + i)).save(buf, format="JPEG", quality=90)
+            Image.fromarray(make_photo(100 * c + i, (64, 48), cell=16)).save(buf, format="JPEG", quality=90)
             with open(os.path.join(d, f"{i:03d}.jpg"), "wb") as f:
                 f.write(buf.getvalue())
     return root
