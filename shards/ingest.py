@@ -195,16 +195,15 @@ def mark_cross_shard_duplicates(root: str) -> int:
         rows = idx.to_pylist()
         changed = False
         for r in rows:
+            if r["status"] == "ok" and r["sha256"]:
+                k0 = first.setdefault(r["sha256"], r["key"])
+                first_shard.setdefault(k0, shard)
+                if k0 != r["key"]:
+                    r.update(status=STATUS_DUPLICATE, duplicate_of=k0, error=f"duplicate: same pixels as {k0}")
+                    changed = True
+                    marked += 1
+            # Counted from the index, so duplicates marked by an earlier pass count too.
             if r["status"] == STATUS_DUPLICATE and first_shard.get(r.get("duplicate_of") or "", shard) != shard:
-                cross += 1  # marked by an earlier pass
-            if r["status"] != "ok" or not r["sha256"]:
-                continue
-            k0 = first.setdefault(r["sha256"], r["key"])
-            first_shard.setdefault(k0, shard)
-            if k0 != r["key"]:
-                r.update(status=STATUS_DUPLICATE, duplicate_of=k0, error=f"duplicate: same pixels as {k0}")
-                changed = True
-                marked += 1
                 cross += 1
         if changed:
             extra = pa.schema([f for f in idx.schema if f.name not in rows_to_table([]).schema.names])

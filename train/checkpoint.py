@@ -105,19 +105,23 @@ def read_checkpoint(uri: str, rank: int) -> tuple[dict[str, Any], dict[str, Any]
     another is still reading it (a torn ``state.pt``), and each rank needs only
     ``state.pt`` and its own RNG file.
     """
+    state = _load_object(uri, STATE_FILE)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{uri} is not a webcurate training checkpoint")
+    try:
+        return state, _load_object(uri, f"rng-rank{rank}.pt")
+    except FileNotFoundError:
+        return state, None
+
+
+def _load_object(uri: str, name: str) -> Any:
+    """``torch.load`` (pickle-safe: weights only) of ``<uri>/<name>``, read whole into memory."""
     import io
 
     from webcurate.shards import storage
 
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE_FILE))),
-                       map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{uri} is not a webcurate training checkpoint")
-    try:
-        rng_bytes = storage.read_bytes(storage.join(uri, f"rng-rank{rank}.pt"))
-    except FileNotFoundError:
-        return state, None
-    return state, torch.load(io.BytesIO(rng_bytes), map_location="cpu", weights_only=True)
+    data = io.BytesIO(storage.read_bytes(storage.join(uri, name)))
+    return torch.load(data, map_location="cpu", weights_only=True)
 
 
 __all__ = ["RUN_NAME", "checkpoint_dir_name", "list_checkpoints", "rng_state", "set_rng_state",
