@@ -181,7 +181,7 @@ def main() -> None:
     from webcurate.curation.labeling.label_model import LabelModel, MajorityVote
     from webcurate.curation.labeling.lf import load_lf_file
     from webcurate.curation.labeling.analysis import lf_stats, print_lf_table
-    from webcurate.pipeline.ray_runtime import init_ray
+    from webcurate.shards.ray_runtime import init_ray
     from webcurate.shards.dataset import Dataset
     from webcurate.shards.image_ops import ImageOptions
     from webcurate.shards.ingest import ingest_folder

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 # Prefixes that training frameworks put in front of backbone parameter names.
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "encoder.", "teacher.", "student.")

@@ -79,7 +79,7 @@ def _removed_by(ds: Dataset, stage: str, column: str) -> set[str]:
 
 def resolve_subset(ds: Dataset, subset: str) -> str:
     """Which keys to cluster: ``auto`` -> retrieve (when complete), else dedup, else all."""
-    from webcurate.pipeline.errors import ConfigError
+    from webcurate.shards.errors import ConfigError
 
     if subset not in SUBSETS:
         raise ConfigError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
@@ -123,7 +123,7 @@ def load_points(ds: Dataset, *, subset: str = "auto") -> Points:
 
 def parse_levels(text: str | Sequence[int]) -> list[int]:
     """``"10000,1000,100"`` -> ``[10000, 1000, 100]`` (finest first, each >= 1)."""
-    from webcurate.pipeline.errors import ConfigError
+    from webcurate.shards.errors import ConfigError
 
     if isinstance(text, str):
         try:
@@ -139,7 +139,7 @@ def parse_levels(text: str | Sequence[int]) -> list[int]:
 
 def parse_int_list(text: str | int | Sequence[int] | None, name: str) -> int | list[int] | None:
     """``None``/``"auto"`` -> None, ``"5"`` -> 5, ``"0,10,10"`` -> [0, 10, 10]."""
-    from webcurate.pipeline.errors import ConfigError
+    from webcurate.shards.errors import ConfigError
 
     if text is None or text == "auto":
         return None
@@ -238,8 +238,8 @@ def run_cluster(
     level: requested k, used k, non-empty clusters, min/median/max size),
     ``counts`` and ``warnings`` (e.g. k clamped because it exceeded N).
     """
-    from webcurate.pipeline.progress import print_table
-    from webcurate.pipeline.stage import raise_if_failed
+    from webcurate.shards.progress import print_table
+    from webcurate.shards.stage import raise_if_failed
 
     t0 = time.time()
     ds = Dataset(input)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 # Allowed keys per section, with defaults (None = the step function's default).
 SECTIONS: dict[str, dict[str, Any]] = {
@@ -141,8 +141,8 @@ def run_curate(config: str | dict[str, Any], *, summary: bool = True, verbose: b
     Steps that raise stop the flow (their finished parts are kept; re-running
     the same command resumes).
     """
-    from webcurate.pipeline.progress import print_table
-    from webcurate.pipeline.ray_runtime import init_ray
+    from webcurate.shards.progress import print_table
+    from webcurate.shards.ray_runtime import init_ray
     from webcurate.shards.dataset import Dataset
 
     cfg = load_config(config)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 from . import vectors
 from .unionfind import connected_components
@@ -150,7 +150,7 @@ def semdedup(x: np.ndarray, rank: np.ndarray, *, eps: float = 0.07, n_clusters: 
     """
     import faiss
 
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
 
     if not 0 < eps < 1:
         raise ConfigError(f"--eps must lie in (0, 1), got {eps}")
@@ -238,7 +238,7 @@ def run_dedup(
     the same embeddings does nothing; parts missing after a killed run are
     recomputed and written.
     """
-    from webcurate.pipeline.progress import print_table
+    from webcurate.shards.progress import print_table
     from webcurate.shards import manifest as manifest_mod
     from webcurate.shards.dataset import Dataset
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 from .backbones import BackboneSpec, build_backbone, pool_features, validate_spec
 
@@ -229,9 +229,9 @@ def run_embed(
     """
     import ray
 
-    from webcurate.pipeline.progress import print_summary, progress_bar
-    from webcurate.pipeline.ray_runtime import cluster_cpus, cluster_gpus, init_ray, max_node_cpus
-    from webcurate.pipeline.stage import StageResult, raise_if_failed
+    from webcurate.shards.progress import print_summary, progress_bar
+    from webcurate.shards.ray_runtime import cluster_cpus, cluster_gpus, init_ray, max_node_cpus
+    from webcurate.shards.stage import StageResult, raise_if_failed
     from webcurate.shards import manifest as manifest_mod
     from webcurate.shards.dataset import Dataset
 

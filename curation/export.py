@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards.dataset import Dataset, DatasetError
 
 from . import global_stage

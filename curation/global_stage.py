@@ -17,8 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from webcurate.pipeline.progress import progress_bar
-from webcurate.pipeline.stage import StageResult
+from webcurate.shards.progress import progress_bar
+from webcurate.shards.stage import StageResult
 from webcurate.shards import manifest as manifest_mod
 from webcurate.shards.dataset import Dataset, DatasetError
 

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 # faiss parallelises with OpenMP, whose threads spin while waiting by default.
 # On a machine shared with other busy processes (Ray workers, other jobs) the
@@ -410,7 +410,7 @@ def hierarchical_kmeans(
     cluster size of the level). ``method`` applies to level 1 (auto, flat or
     split); upper levels are always flat.
     """
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
 
     X = _as_points(X)
     L = len(levels)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 from . import vectors
 
@@ -132,7 +132,7 @@ def run_retrieve(
     """
     import pyarrow as pa
 
-    from webcurate.pipeline.progress import print_table
+    from webcurate.shards.progress import print_table
     from webcurate.shards import manifest as manifest_mod
     from webcurate.shards.dataset import Dataset
 

@@ -32,8 +32,8 @@ def run_sample(input: str, target: int, *, strategy: str = "random", seed: int =
     "entropy_after", "warnings", "seconds"}``; entropies are of level-1
     cluster sizes (nats) over all clustered keys and over the selection.
     """
-    from webcurate.pipeline.progress import print_table
-    from webcurate.pipeline.stage import raise_if_failed
+    from webcurate.shards.progress import print_table
+    from webcurate.shards.stage import raise_if_failed
 
     t0 = time.time()
     if target is None or int(target) < 1:

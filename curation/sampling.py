@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 
 class SamplingError(ConfigError):

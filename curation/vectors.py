@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards.dataset import DatasetError
 
 STAGE = "embeddings"
@@ -252,7 +252,7 @@ def build_index(x: np.ndarray, choice: IndexChoice | None = None, *, seed: int =
 
 def search(index, queries: np.ndarray, k: int, *, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest database vectors of each query: sims (Q, k) float32, ids (Q, k) int64 (-1 = none)."""
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
 
     q = queries.shape[0]
     sims = np.empty((q, k), dtype=np.float32)
@@ -349,7 +349,7 @@ def knn_edges(
     """
     import time
 
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
 
     n = x.shape[0]
     phases: dict[str, float] = {}
@@ -428,7 +428,7 @@ def write_sidecar_parts(ds, stage: str, shards: list[int], rows_per_shard: list[
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
     from webcurate.shards import manifest as manifest_mod
 
     bar = progress_bar(total=len(shards), desc=f"write {stage}", unit="part")

@@ -57,7 +57,7 @@ _register()
 
 def run() -> None:
     """Entry point that turns known user errors into one clear line and exit 2."""
-    from webcurate.pipeline.errors import USER_ERRORS, RunError
+    from webcurate.shards.errors import USER_ERRORS, RunError
 
     try:
         main(standalone_mode=True)

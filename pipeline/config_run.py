@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 STEPS = ("shard", "curate", "train", "embed_for_label", "label")
 TOP_LEVEL = {"ray_address", "workdir", *STEPS}
@@ -223,8 +223,8 @@ def _chain_inputs(cfg: dict[str, Any]) -> None:
 
 def run_pipeline(config: str | dict[str, Any], *, only: list[str] | None = None) -> list[StepResult]:
     """Run the configured steps in order; returns one ``StepResult`` per step."""
-    from .progress import print_table
-    from .ray_runtime import init_ray
+    from webcurate.shards.progress import print_table
+    from webcurate.shards.ray_runtime import init_ray
 
     cfg = load_pipeline(config)
     _chain_inputs(cfg)

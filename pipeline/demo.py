@@ -78,7 +78,7 @@ def run_demo(workdir: str, keep: bool = False, max_steps: int = 30) -> dict[str,
     from webcurate.shards.ingest import ingest_folder
 
     from .config_run import run_pipeline
-    from .ray_runtime import init_ray
+    from webcurate.shards.ray_runtime import init_ray
 
     work = os.path.abspath(workdir)
     if os.path.exists(work) and not keep:

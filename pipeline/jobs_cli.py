@@ -158,7 +158,7 @@ def status(job_id, address, as_json):
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        from webcurate.pipeline.progress import print_table
+        from webcurate.shards.progress import print_table
 
         print_table(f"jobs on {client.get_address()}",
                     [(r["job_id"], r["status"], r["start_time"] or "", r["duration_s"] or "", r["entrypoint"][:60])

@@ -85,8 +85,8 @@ def adopt_shard(shard: int, *, root: str, tar_name: str) -> dict[str, Any]:
 
 def adopt(root: str, workers: int | None = None, summary: bool = True) -> Dataset:
     """Index every ``*.tar`` directly under ``root`` (sorted by name) in place."""
-    from webcurate.pipeline.progress import print_summary
-    from webcurate.pipeline.stage import raise_if_failed, run_shards
+    from webcurate.shards.progress import print_summary
+    from webcurate.shards.stage import raise_if_failed, run_shards
 
     tars = sorted(e.name for e in storage.list_dir(root) if e.name.endswith(".tar") and not e.is_dir)
     if not tars:

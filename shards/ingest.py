@@ -137,8 +137,8 @@ def ingest_table(
     summary: bool = True,
 ) -> IngestResult:
     """Shard an input table (columns source, key, [caption, label, extras]) into ``output``."""
-    from webcurate.pipeline.progress import print_summary
-    from webcurate.pipeline.stage import run_shards
+    from webcurate.shards.progress import print_summary
+    from webcurate.shards.stage import run_shards
 
     if shard_size < 1:
         raise ValueError("--shard-size must be at least 1")
@@ -169,7 +169,7 @@ def ingest_table(
     m = manifest_mod.load(output) or {}
     if summary:
         print_summary(result, title=f"shard -> {output}", totals=m.get("counts", {}))
-    from webcurate.pipeline.stage import raise_if_failed
+    from webcurate.shards.stage import raise_if_failed
 
     raise_if_failed(result)
     return IngestResult(output, num_shards, m.get("counts", {}), result.seconds, result.failed, len(result.done))

@@ -17,15 +17,12 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import InputError
 from .keys import unique_keys
 from .schema import CORE_COLUMNS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt")
-
-
-class InputError(ValueError):
-    """The input list or folder cannot be used; the message says why."""
 
 
 def is_url_list(uri: str) -> bool:

@@ -29,9 +29,7 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-
-class StorageError(RuntimeError):
-    """An I/O failure with the URI it concerned, safe to show a user."""
+from .errors import StorageError
 
 
 def is_s3(uri: str) -> bool:

@@ -82,8 +82,8 @@ def write_subset(
     index row. Returns the new dataset's manifest. Resumable per shard; a
     destination holding another stage's dataset is refused.
     """
-    from webcurate.pipeline.progress import print_summary
-    from webcurate.pipeline.stage import raise_if_failed, run_shards
+    from webcurate.shards.progress import print_summary
+    from webcurate.shards.stage import raise_if_failed, run_shards
 
     src = Dataset(src_root)
     shards = src.completed_shards()

@@ -54,12 +54,12 @@ def create_vit(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
         vit = timm.create_model(model_name, pretrained=False, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            from webcurate.pipeline.errors import ConfigError
+            from webcurate.shards.errors import ConfigError
 
             raise ConfigError(f"model.name={model_name!r} is not a timm model; see timm.list_models('vit_*')") from e
         raise
     if not isinstance(vit, VisionTransformer):
-        from webcurate.pipeline.errors import ConfigError
+        from webcurate.shards.errors import ConfigError
 
         raise ConfigError(f"model.name={model_name!r} is a {type(vit).__name__}, not a timm VisionTransformer")
     return vit

@@ -38,7 +38,7 @@ def train(data: str, output: str, config_path: str | None, max_steps: int | None
     The exported backbone.safetensors loads with `webcurate embed --checkpoint`
     and in stock timm (see webcurate.train.export).
     """
-    from webcurate.pipeline.progress import print_table
+    from webcurate.shards.progress import print_table
 
     from .config import load_config
     from .loop import TrainError

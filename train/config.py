@@ -21,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.train.data.config import LoaderConfig
 
 CENTERING_MODES = ("centering", "sinkhorn_knopp")

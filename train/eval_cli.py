@@ -66,7 +66,7 @@ def _features(checkpoint: str, train_data: str, val_data: str, model: str | None
 def _report(title: str, result: dict, json_out: str | None) -> None:
     import json
 
-    from webcurate.pipeline.progress import print_table
+    from webcurate.shards.progress import print_table
 
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()]
     print_table(title, rows, ("what", "value"))

@@ -115,7 +115,7 @@ def extract_features(
     """
     from PIL import Image
 
-    from webcurate.pipeline.progress import progress_bar
+    from webcurate.shards.progress import progress_bar
 
     size = int(image_size or _backbone_image_size(backbone))
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

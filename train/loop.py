@@ -35,7 +35,7 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
-from webcurate.pipeline.errors import ConfigError, RunError
+from webcurate.shards.errors import ConfigError, RunError
 
 from .checkpoint import RUN_NAME, checkpoint_dir_name, list_checkpoints
 from .config import TrainConfig, to_yaml
@@ -139,7 +139,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from webcurate.pipeline.ray_runtime import cluster_cpus, cluster_gpus, init_ray
+    from webcurate.shards.ray_runtime import cluster_cpus, cluster_gpus, init_ray
     from webcurate.shards import storage
 
     from .data.loader import batches_per_epoch

@@ -151,7 +151,7 @@ def apply_lfs(
     embeddings, clusters, retrieve when present). A sidecar covering only
     some shards is used where present, with a warning.
     """
-    from webcurate.pipeline.stage import run_sidecar_stage
+    from webcurate.shards.stage import run_sidecar_stage
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     shards = ds.completed_shards()

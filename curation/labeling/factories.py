@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 from .lf import ABSTAIN, LabelingFunction, register
 

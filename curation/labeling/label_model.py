@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 from .lf import ABSTAIN
 

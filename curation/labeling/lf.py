@@ -25,7 +25,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 ABSTAIN = -1
 

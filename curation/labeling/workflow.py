@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards import storage
 from webcurate.shards.dataset import Dataset, DatasetError
 
@@ -192,7 +192,7 @@ def run_label(
 
 def print_run_summary(run: LabelRun, output_uri: str | None) -> None:
     """Counts per class, confidence, coverage and dev accuracy."""
-    from webcurate.pipeline.progress import print_table
+    from webcurate.shards.progress import print_table
 
     n = len(run.keys)
     covered = int((run.pred >= 0).sum())

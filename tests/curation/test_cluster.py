@@ -153,7 +153,7 @@ def test_nan_embeddings_are_refused_naming_keys(tmp_path):
 
 def test_bad_levels_option_is_a_config_error(dataset):
     from webcurate.curation.cluster import run_cluster
-    from webcurate.pipeline.errors import ConfigError
+    from webcurate.shards.errors import ConfigError
 
     root, *_ = dataset
     with pytest.raises(ConfigError, match="comma-separated"):

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from helpers import load_helper
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards.dataset import Dataset
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "examples" / "curate.yaml"

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards.dataset import Dataset
 
 MODEL, SIZE = "convnext_atto", 64

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.train.backbone import build_backbone
 from webcurate.train.config import DinoConfig, IbotConfig, ModelConfig
 from webcurate.train.export import export_backbone, load_backbone, read_metadata

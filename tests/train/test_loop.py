@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.train.config import load_config, to_yaml
 
 

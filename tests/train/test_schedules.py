@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.train.backbone import build_backbone
 from webcurate.train.config import ModelConfig, TrainConfig, load_config, to_yaml
 from webcurate.train.heads import build_heads

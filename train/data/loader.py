@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from webcurate.pipeline.progress import progress_bar
+from webcurate.shards.progress import progress_bar
 from webcurate.shards.dataset import DatasetError
 
 from .config import LoaderConfig, resolve_device

@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 from webcurate.curation.labeling.cli import label
 from webcurate.curation.labeling.workflow import run_label
-from webcurate.pipeline.errors import USER_ERRORS
+from webcurate.shards.errors import USER_ERRORS
 from webcurate.shards import storage
 from webcurate.shards.dataset import Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLE = os.path.join(HERE, "..", "..", "docs", "examples", "lfs_example.py")
+EXAMPLE = os.path.join(HERE, "..", "..", "..", "docs", "examples", "lfs_example.py")
 
 
 def seeded_lfs(tmp_path, seed_root):

@@ -11,7 +11,7 @@ from webcurate.curation.labeling.lf import (
     ABSTAIN, LFError, coerce_vote, is_lf_like, labeling_function, load_lf_file, resolve_classes,
 )
 from webcurate.curation.labeling.records import Record
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 
 CLASSES = ["cat", "dog"]
 

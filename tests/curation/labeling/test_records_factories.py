@@ -11,7 +11,7 @@ from webcurate.curation.labeling import factories as F
 from webcurate.curation.labeling.apply import apply_to_records
 from webcurate.curation.labeling.lf import ABSTAIN
 from webcurate.curation.labeling.records import Record, RecordBatch, available_sidecars, shard_records
-from webcurate.pipeline.errors import ConfigError
+from webcurate.shards.errors import ConfigError
 from webcurate.shards import manifest as manifest_mod, storage
 from webcurate.shards.dataset import Dataset
 
