@@ -1,0 +1,85 @@
+"""The SSL losses that gather across workers, on 2 real gloo processes, equal one process on the whole batch.
+
+One pair of processes runs every case (start-up is most of the cost). Convention pinned here (see
+``webcurate.train.losses._dist``): the mean over workers of the per-worker loss is the single-process
+loss on the concatenated batch, and each worker's input gradient divided by the world size (DDP
+averages) is the single-process gradient of its rows.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from webcurate.train import losses as L
+
+W = 2
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    from webcurate.train import losses as L
+    rank, tmp = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    data = torch.load(f"{tmp}/inputs.pt", weights_only=True)
+    mine = lambda t: t.chunk(2)[rank].clone().requires_grad_()
+
+    def run(loss_fn, *tensors):
+        xs = [mine(t) for t in tensors]
+        loss = loss_fn(*xs)
+        loss.backward()
+        return {"loss": loss.detach(), "grads": [x.grad for x in xs]}
+
+    out = {}
+    out["simclr"] = run(L.NTXentLoss(0.2), *data["two_views"])
+    torch.save(out, f"{tmp}/out{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def _fixed(shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+INPUTS = {"two_views": [_fixed((8, 16), 1), _fixed((8, 16), 2, 2.0)]}
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """Outputs of rank 0 and rank 1 for every case."""
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.save(INPUTS, tmp / "inputs.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(tmp)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(W)]
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out.decode()[-3000:]
+    return [torch.load(tmp / f"out{r}.pt", weights_only=True) for r in range(W)]
+
+
+def single(loss_fn, *tensors):
+    xs = [t.clone().requires_grad_() for t in tensors]
+    loss = loss_fn(*xs)
+    loss.backward()
+    return loss.detach(), [x.grad for x in xs]
+
+
+def assert_matches_single(workers, case, loss_fn, tensors, atol=1e-5):
+    want_loss, want_grads = single(loss_fn, *tensors)
+    got_loss = sum(w[case]["loss"] for w in workers) / W
+    assert torch.allclose(got_loss, want_loss, atol=atol), (case, got_loss, want_loss)
+    for i, g in enumerate(want_grads):
+        got = torch.cat([w[case]["grads"][i] for w in workers]) / W
+        assert torch.allclose(got, g, atol=atol), (case, i, (got - g).abs().max())
+
+
+def test_nt_xent_gathers_negatives_from_all_workers(workers):
+    assert_matches_single(workers, "simclr", L.NTXentLoss(0.2), INPUTS["two_views"])
+    # Without the other worker's negatives the loss would differ: the gather is what makes it equal.
+    local = L.NTXentLoss(0.2)(*(t[:4] for t in INPUTS["two_views"]))
+    assert not torch.allclose(workers[0]["simclr"]["loss"], local)
