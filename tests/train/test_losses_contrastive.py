@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from webcurate.train.losses import NTXentLoss
+from webcurate.train.losses import MoCoV2Loss, MoCoV3Loss, NTXentLoss
 
 TOL = 1e-5
 
@@ -67,3 +67,82 @@ def test_nt_xent_is_log_of_2n_minus_1_for_identical_inputs_and_small_for_separat
 def test_nt_xent_refuses_a_global_batch_of_one_image():
     with pytest.raises(ValueError, match="at least 2 samples.*batch_size"):
         NTXentLoss()(torch.randn(1, 8), torch.randn(1, 8))
+
+
+# --- MoCo v2 (He et al. 2020, eq. 1; queue of keys) --------------------------------------------------
+def paper_infonce_queue(q, k, queue, temperature):
+    """L_q = -log exp(q.k+/T) / (exp(q.k+/T) + sum_i exp(q.k_i/T)) over unit q, k, queue keys; mean over q."""
+    total = 0.0
+    for qi, ki in zip(q, k):
+        qi, ki = qi / qi.norm(), ki / ki.norm()
+        pos = torch.exp(torch.dot(qi, ki) / temperature)
+        neg = sum(torch.exp(torch.dot(qi, kj / kj.norm()) / temperature) for kj in queue)
+        total = total - torch.log(pos / (pos + neg))
+    return total / len(q)
+
+
+def test_moco_v2_equals_the_papers_infonce_over_the_queue_and_then_enqueues_the_keys():
+    loss = MoCoV2Loss(dim=8, queue_size=10, temperature=0.2)
+    queue0 = loss.queue.clone().double()
+    assert torch.allclose(queue0.norm(dim=1), torch.ones(10, dtype=torch.float64), atol=1e-6)
+    q, k = fixed((4, 8), 5).requires_grad_(), fixed((4, 8), 6, scale=2.0)
+    got = loss(q, k)
+    want = paper_infonce_queue(q, k, queue0, 0.2)
+    assert abs(got.item() - want.item()) < TOL * max(1.0, want.item())
+    # gradient reaches the queries only (keys are the momentum encoder's targets)
+    q2 = q.detach().clone().requires_grad_()
+    got.backward()
+    paper_infonce_queue(q2, k, queue0, 0.2).backward()
+    assert torch.allclose(q.grad.double(), q2.grad, atol=TOL)
+    # the 4 keys (normalised) replaced the 4 oldest entries; the rest is untouched
+    assert torch.allclose(loss.queue[:4].double(), k / k.norm(dim=1, keepdim=True), atol=1e-6)
+    assert torch.equal(loss.queue[4:], queue0[4:].float())
+    assert loss.queue_ptr.item() == 4
+
+
+def test_moco_v2_queue_is_fifo_with_wraparound_and_the_next_step_uses_the_new_keys():
+    loss = MoCoV2Loss(dim=4, queue_size=6)
+    keys = [fixed((4, 4), 10 + i) for i in range(3)]
+    for kk in keys[:2]:
+        loss.dequeue_and_enqueue(kk.float())
+    unit = [kk / kk.norm(dim=1, keepdim=True) for kk in keys]
+    # 8 keys into 6 rows: rows 0-1 hold keys[1][2:], rows 2-5 keys[1][:2] after keys[0][2:]
+    want = torch.cat([unit[1][2:], unit[0][2:], unit[1][:2]])
+    assert torch.allclose(loss.queue.double(), want, atol=1e-6) and loss.queue_ptr.item() == 2
+    q = fixed((4, 4), 20)
+    assert abs(loss(q, keys[2], update_queue=False).item()
+               - paper_infonce_queue(q, keys[2], want, 0.2).item()) < TOL
+    loss.dequeue_and_enqueue(fixed((9, 4), 30).float())  # more keys than rows: the last 6 stay
+    assert torch.allclose(loss.queue.double(), (lambda x: x / x.norm(dim=1, keepdim=True))(fixed((9, 4), 30))[3:],
+                          atol=1e-6)
+
+
+def test_moco_v2_queue_is_the_same_on_every_worker_from_a_fixed_seed():
+    assert torch.equal(MoCoV2Loss(8, 16).queue, MoCoV2Loss(8, 16).queue)
+    assert "queue" in MoCoV2Loss(8, 16).state_dict()
+
+
+# --- MoCo v3 (Chen et al. 2021, Algorithm 1) ------------------------------------------------------
+def paper_moco_v3(q1, q2, k1, k2, temperature):
+    """ctr(q, k) = 2T * mean_n -log softmax(q_n . k_m / T)[m = n]; loss = ctr(q1, k2) + ctr(q2, k1)."""
+    def ctr(q, k):
+        total = 0.0
+        for n in range(len(q)):
+            qn = q[n] / q[n].norm()
+            logits = torch.stack([torch.dot(qn, km / km.norm()) / temperature for km in k])
+            total = total - (logits[n] - torch.logsumexp(logits, 0))
+        return 2 * temperature * total / len(q)
+
+    return ctr(q1, k2) + ctr(q2, k1)
+
+
+def test_moco_v3_equals_the_papers_symmetric_in_batch_loss():
+    q1, q2, k1, k2 = (fixed((6, 8), s) for s in (40, 41, 42, 43))
+    q1.requires_grad_()
+    got = MoCoV3Loss(0.2)(q1, q2, k1, k2)
+    q1b = q1.detach().clone().requires_grad_()
+    want = paper_moco_v3(q1b, q2, k1, k2, 0.2)
+    assert abs(got.item() - want.item()) < TOL
+    got.backward()
+    want.backward()
+    assert torch.allclose(q1.grad.double(), q1b.grad, atol=TOL)

@@ -34,6 +34,9 @@ WORKER = textwrap.dedent("""
 
     out = {}
     out["simclr"] = run(L.NTXentLoss(0.2), *data["two_views"])
+    moco = L.MoCoV2Loss(16, queue_size=12)
+    out["moco_v2"] = [dict(run(moco, q, k), queue=moco.queue.clone()) for q, k in data["moco_v2_steps"]]
+    out["moco_v3"] = run(L.MoCoV3Loss(0.2), *data["four_views"])
     torch.save(out, f"{tmp}/out{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -45,7 +48,11 @@ def _fixed(shape, seed, scale=1.0):
     return torch.randn(*shape, generator=g) * scale
 
 
-INPUTS = {"two_views": [_fixed((8, 16), 1), _fixed((8, 16), 2, 2.0)]}
+INPUTS = {
+    "two_views": [_fixed((8, 16), 1), _fixed((8, 16), 2, 2.0)],
+    "four_views": [_fixed((8, 16), s) for s in (3, 4, 5, 6)],
+    "moco_v2_steps": [[_fixed((8, 16), 10 + s), _fixed((8, 16), 20 + s)] for s in range(2)],
+}
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +76,34 @@ def single(loss_fn, *tensors):
     return loss.detach(), [x.grad for x in xs]
 
 
-def assert_matches_single(workers, case, loss_fn, tensors, atol=1e-5):
+def assert_matches_single(outs, case, loss_fn, tensors, atol=1e-5):
+    """``outs``: each worker's result of one case (loss and input gradients)."""
     want_loss, want_grads = single(loss_fn, *tensors)
-    got_loss = sum(w[case]["loss"] for w in workers) / W
+    got_loss = sum(o["loss"] for o in outs) / W
     assert torch.allclose(got_loss, want_loss, atol=atol), (case, got_loss, want_loss)
     for i, g in enumerate(want_grads):
-        got = torch.cat([w[case]["grads"][i] for w in workers]) / W
+        if g is None:  # a stop-gradient input (keys, targets)
+            assert all(o["grads"][i] is None for o in outs), (case, i)
+            continue
+        got = torch.cat([o["grads"][i] for o in outs]) / W
         assert torch.allclose(got, g, atol=atol), (case, i, (got - g).abs().max())
 
 
 def test_nt_xent_gathers_negatives_from_all_workers(workers):
-    assert_matches_single(workers, "simclr", L.NTXentLoss(0.2), INPUTS["two_views"])
+    assert_matches_single([w["simclr"] for w in workers], "simclr", L.NTXentLoss(0.2), INPUTS["two_views"])
     # Without the other worker's negatives the loss would differ: the gather is what makes it equal.
     local = L.NTXentLoss(0.2)(*(t[:4] for t in INPUTS["two_views"]))
     assert not torch.allclose(workers[0]["simclr"]["loss"], local)
+
+
+def test_moco_v2_enqueues_the_keys_of_all_workers_and_keeps_one_queue(workers):
+    moco = L.MoCoV2Loss(16, queue_size=12)
+    for step, (q, k) in enumerate(INPUTS["moco_v2_steps"]):
+        # step 1 scores against the keys both workers enqueued at step 0
+        assert_matches_single([w["moco_v2"][step] for w in workers], f"moco_v2 step {step}", moco, [q, k])
+        for w in workers:
+            assert torch.allclose(w["moco_v2"][step]["queue"], moco.queue, atol=1e-6), step
+
+
+def test_moco_v3_scores_queries_against_the_keys_of_all_workers(workers):
+    assert_matches_single([w["moco_v3"] for w in workers], "moco_v3", L.MoCoV3Loss(0.2), INPUTS["four_views"])

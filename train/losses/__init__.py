@@ -1,12 +1,14 @@
 """webcurate.train.losses: one loss per file.
 
 DINO (centering / Sinkhorn-Knopp), iBOT patch loss, KoLeo, and the SSL family:
-SimCLR's NT-Xent.
+SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE.
 """
 from .dino import DINOLoss
 from .ibot import iBOTPatchLoss, masks_weight
 from .koleo import koleo_loss
+from .moco import MoCoV2Loss, MoCoV3Loss
 from .simclr import NTXentLoss
 from .sinkhorn import sinkhorn_knopp
 
-__all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss"]
+__all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss",
+           "MoCoV2Loss", "MoCoV3Loss"]
