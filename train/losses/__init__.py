@@ -1,14 +1,18 @@
 """webcurate.train.losses: one loss per file.
 
 DINO (centering / Sinkhorn-Knopp), iBOT patch loss, KoLeo, and the SSL family:
-SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE.
+SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE, BYOL,
+SimSiam.
 """
+from .byol import BYOLLoss, normalized_mse
 from .dino import DINOLoss
 from .ibot import iBOTPatchLoss, masks_weight
 from .koleo import koleo_loss
 from .moco import MoCoV2Loss, MoCoV3Loss
 from .simclr import NTXentLoss
+from .simsiam import SimSiamLoss
 from .sinkhorn import sinkhorn_knopp
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss",
-           "MoCoV2Loss", "MoCoV3Loss"]
+           "MoCoV2Loss", "MoCoV3Loss",
+           "BYOLLoss", "normalized_mse", "SimSiamLoss"]
