@@ -63,3 +63,63 @@ def test_simsiam_equals_the_papers_negative_cosine_with_stop_gradient():
     grads_match(L.SimSiamLoss(), paper_simsiam, [fixed((5, 10), 10 + s) for s in range(4)])
     x = fixed((3, 4), 20)
     assert abs(L.SimSiamLoss()(x, x, x, x).item() + 1.0) < 1e-6
+
+
+# --- VICReg (Bardes et al. 2022, eq. 1-6 / Algorithm 1) --------------------------------------------
+def paper_vicreg(za, zb, lam=25.0, mu=25.0, nu=1.0, gamma=1.0, eps=1e-4):
+    n, d = za.shape
+
+    def var(col):  # unbiased variance of one dimension
+        m = sum(col) / n
+        return sum((x - m) ** 2 for x in col) / (n - 1)
+
+    def v(z):  # eq. 1: hinge on the regularised std of every dimension
+        return sum(torch.clamp(gamma - torch.sqrt(var(z[:, j]) + eps), min=0) for j in range(d)) / d
+
+    def c(z):  # eq. 3-4: squared off-diagonal covariances over d
+        mean = z.mean(0)
+        cov = sum(torch.outer(zi - mean, zi - mean) for zi in z) / (n - 1)
+        return sum(cov[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+
+    s = sum(((za[i] - zb[i]) ** 2).sum() for i in range(n)) / (n * d)  # Algorithm 1's mse_loss
+    return lam * s + mu * (v(za) + v(zb)) + nu * (c(za) + c(zb))
+
+
+def test_vicreg_equals_the_papers_loss_with_weights_25_25_1():
+    za, zb = fixed((8, 6), 30, scale=0.5), fixed((8, 6), 31, scale=1.5)  # std < 1 and > 1: hinge on and off
+    grads_match(L.VICRegLoss(), paper_vicreg, [za, zb])
+    terms = L.VICRegLoss().terms(za.float(), zb.float())
+    assert terms["variance"] > 0 and terms["covariance"] > 0 and terms["invariance"] > 0
+
+
+def test_vicreg_variance_hinge_is_zero_above_the_target_std():
+    z = fixed((64, 4), 32, scale=3.0)
+    assert L.VICRegLoss().terms(z, z)["variance"].item() == 0.0
+
+
+# --- Barlow Twins (Zbontar et al. 2021, eq. 1-2) ----------------------------------------------------
+def paper_barlow_twins(za, zb, lam=5e-3):
+    """C_ij = sum_b za_bi zb_bj / (sqrt(sum_b za_bi^2) sqrt(sum_b zb_bj^2)) over batch-centred z;
+    L = sum_i (1 - C_ii)^2 + lam sum_{i != j} C_ij^2."""
+    za, zb = za - za.mean(0), zb - zb.mean(0)
+    d = za.shape[1]
+    C = torch.stack([torch.stack([
+        (za[:, i] * zb[:, j]).sum() / (torch.sqrt((za[:, i] ** 2).sum()) * torch.sqrt((zb[:, j] ** 2).sum()))
+        for j in range(d)]) for i in range(d)])
+    return sum((1 - C[i, i]) ** 2 for i in range(d)) + lam * sum(
+        C[i, j] ** 2 for i in range(d) for j in range(d) if i != j)
+
+
+def test_barlow_twins_equals_the_papers_cross_correlation_loss():
+    # std ~4: batch-norm's eps (1e-5) is negligible against the variance, as in eq. 2
+    za, zb = fixed((10, 6), 40, scale=4.0, shift=2.0), fixed((10, 6), 41, scale=4.0)
+    zb = zb + 3.0 * za  # correlated views: diagonal near 1
+    grads_match(L.BarlowTwinsLoss(), paper_barlow_twins, [za, zb], atol=1e-4)
+    c = L.BarlowTwinsLoss().cross_correlation(za.float(), zb.float())
+    assert c.shape == (6, 6) and (c.abs() <= 1 + 1e-4).all() and torch.diagonal(c).min() > 0.8
+
+
+@pytest.mark.parametrize("loss", [L.VICRegLoss(), L.BarlowTwinsLoss()], ids=["vicreg", "barlow_twins"])
+def test_batch_statistics_losses_refuse_a_global_batch_of_one(loss):
+    with pytest.raises(ValueError, match="at least 2 samples.*batch_size"):
+        loss(torch.randn(1, 8), torch.randn(1, 8))

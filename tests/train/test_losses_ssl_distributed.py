@@ -37,6 +37,8 @@ WORKER = textwrap.dedent("""
     moco = L.MoCoV2Loss(16, queue_size=12)
     out["moco_v2"] = [dict(run(moco, q, k), queue=moco.queue.clone()) for q, k in data["moco_v2_steps"]]
     out["moco_v3"] = run(L.MoCoV3Loss(0.2), *data["four_views"])
+    out["vicreg"] = run(L.VICRegLoss(), *data["two_views"])
+    out["barlow_twins"] = run(L.BarlowTwinsLoss(), *data["two_views"])
     torch.save(out, f"{tmp}/out{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -107,3 +109,11 @@ def test_moco_v2_enqueues_the_keys_of_all_workers_and_keeps_one_queue(workers):
 
 def test_moco_v3_scores_queries_against_the_keys_of_all_workers(workers):
     assert_matches_single([w["moco_v3"] for w in workers], "moco_v3", L.MoCoV3Loss(0.2), INPUTS["four_views"])
+
+
+@pytest.mark.parametrize("case, loss_fn", [("vicreg", L.VICRegLoss()), ("barlow_twins", L.BarlowTwinsLoss())])
+def test_batch_statistics_losses_use_the_global_batch_on_every_worker(workers, case, loss_fn):
+    assert_matches_single([w[case] for w in workers], case, loss_fn, INPUTS["two_views"])
+    want = loss_fn(*INPUTS["two_views"])
+    for w in workers:  # not just on average: each worker computes the global-batch loss
+        assert torch.allclose(w[case]["loss"], want, atol=1e-5)

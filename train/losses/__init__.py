@@ -2,8 +2,9 @@
 
 DINO (centering / Sinkhorn-Knopp), iBOT patch loss, KoLeo, and the SSL family:
 SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE, BYOL,
-SimSiam.
+SimSiam, VICReg, Barlow Twins.
 """
+from .barlow_twins import BarlowTwinsLoss
 from .byol import BYOLLoss, normalized_mse
 from .dino import DINOLoss
 from .ibot import iBOTPatchLoss, masks_weight
@@ -12,7 +13,9 @@ from .moco import MoCoV2Loss, MoCoV3Loss
 from .simclr import NTXentLoss
 from .simsiam import SimSiamLoss
 from .sinkhorn import sinkhorn_knopp
+from .vicreg import VICRegLoss
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss",
            "MoCoV2Loss", "MoCoV3Loss",
-           "BYOLLoss", "normalized_mse", "SimSiamLoss"]
+           "BYOLLoss", "normalized_mse", "SimSiamLoss",
+           "VICRegLoss", "BarlowTwinsLoss"]
