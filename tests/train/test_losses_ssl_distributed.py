@@ -39,6 +39,10 @@ WORKER = textwrap.dedent("""
     out["moco_v3"] = run(L.MoCoV3Loss(0.2), *data["four_views"])
     out["vicreg"] = run(L.VICRegLoss(), *data["two_views"])
     out["barlow_twins"] = run(L.BarlowTwinsLoss(), *data["two_views"])
+    swav = L.SwAVLoss(queue_length=4, embed_dim=16)  # this worker's 4 samples of a step
+    protos = data["swav_prototypes"]
+    swav_fn = lambda *c: swav([x @ protos.t() for x in c], embeddings=c[:2], prototypes=protos)
+    out["swav"] = [run(swav_fn, *crops) for crops in data["swav_steps"]]
     torch.save(out, f"{tmp}/out{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -54,6 +58,10 @@ INPUTS = {
     "two_views": [_fixed((8, 16), 1), _fixed((8, 16), 2, 2.0)],
     "four_views": [_fixed((8, 16), s) for s in (3, 4, 5, 6)],
     "moco_v2_steps": [[_fixed((8, 16), 10 + s), _fixed((8, 16), 20 + s)] for s in range(2)],
+    # 2 steps of 2 high-res + 2 low-res crops (unit embeddings) against 10 unit prototypes
+    "swav_steps": [[torch.nn.functional.normalize(_fixed((8, 16), 30 + 4 * s + c), dim=1) for c in range(4)]
+                   for s in range(2)],
+    "swav_prototypes": torch.nn.functional.normalize(_fixed((10, 16), 40), dim=1),
 }
 
 
@@ -117,3 +125,14 @@ def test_batch_statistics_losses_use_the_global_batch_on_every_worker(workers, c
     want = loss_fn(*INPUTS["two_views"])
     for w in workers:  # not just on average: each worker computes the global-batch loss
         assert torch.allclose(w[case]["loss"], want, atol=1e-5)
+
+
+def test_swav_codes_balance_over_the_queues_and_batches_of_all_workers(workers):
+    swav = L.SwAVLoss(queue_length=8, embed_dim=16)  # one process holds both workers' queues
+    protos = INPUTS["swav_prototypes"]
+
+    def swav_fn(*c):
+        return swav([x @ protos.t() for x in c], embeddings=c[:2], prototypes=protos)
+
+    for step, crops in enumerate(INPUTS["swav_steps"]):  # step 1 uses the (full) queues
+        assert_matches_single([w["swav"][step] for w in workers], f"swav step {step}", swav_fn, crops)

@@ -2,7 +2,7 @@
 
 DINO (centering / Sinkhorn-Knopp), iBOT patch loss, KoLeo, and the SSL family:
 SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE, BYOL,
-SimSiam, VICReg, Barlow Twins.
+SimSiam, VICReg, Barlow Twins, SwAV.
 """
 from .barlow_twins import BarlowTwinsLoss
 from .byol import BYOLLoss, normalized_mse
@@ -13,9 +13,10 @@ from .moco import MoCoV2Loss, MoCoV3Loss
 from .simclr import NTXentLoss
 from .simsiam import SimSiamLoss
 from .sinkhorn import sinkhorn_knopp
+from .swav import SwAVLoss
 from .vicreg import VICRegLoss
 
 __all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss",
            "MoCoV2Loss", "MoCoV3Loss",
            "BYOLLoss", "normalized_mse", "SimSiamLoss",
-           "VICRegLoss", "BarlowTwinsLoss"]
+           "VICRegLoss", "BarlowTwinsLoss", "SwAVLoss"]
