@@ -109,3 +109,82 @@ def test_swav_with_a_queue_needs_embeddings_and_prototypes():
         L.SwAVLoss(queue_length=8)
     with pytest.raises(ValueError, match="embeddings and the prototypes"):
         L.SwAVLoss(queue_length=8, embed_dim=4)([torch.randn(2, 3), torch.randn(2, 3)])
+
+
+# --- MAE (He et al. 2022: 75 % random masking, MSE on masked patches, normalised pixel targets) ----
+def paper_patch(img, i, j, p):
+    """Pixels of patch (row i, column j) of a (3, H, W) image, as (row, column, channel)."""
+    return img[:, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).reshape(-1)
+
+
+def paper_mae_loss(pred, imgs, mask, p, norm_pix=True):
+    """Mean over masked patches of the mean squared pixel error; targets normalised per patch."""
+    n, _, hh, ww = imgs.shape
+    w = ww // p
+    total, count = 0.0, 0
+    for b in range(n):
+        for i in range(hh // p):
+            for j in range(w):
+                if not mask[b, i * w + j]:
+                    continue
+                t = paper_patch(imgs[b], i, j, p)
+                if norm_pix:
+                    t = (t - t.mean()) / torch.sqrt(t.var() + 1e-6)
+                total = total + ((pred[b, i * w + j] - t) ** 2).mean()
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_loss_counts_masked_patches_only_against_the_papers_targets(norm_pix):
+    p, n = 4, 3
+    imgs = fixed((n, 3, 16, 12), 70)
+    pred = fixed((n, 12, p * p * 3), 71).requires_grad_()
+    mask = torch.rand(n, 12, generator=torch.Generator().manual_seed(72)) < 0.75
+    got = L.MAELoss(p, norm_pix_loss=norm_pix)(pred, imgs, mask)
+    pred2 = pred.detach().clone().requires_grad_()
+    want = paper_mae_loss(pred2, imgs, mask, p, norm_pix)
+    assert abs(got.item() - want.item()) < TOL
+    got.backward()
+    want.backward()
+    assert torch.allclose(pred.grad.double(), pred2.grad, atol=TOL)
+    assert (pred.grad[~mask] == 0).all() and (pred.grad[mask] != 0).any()  # visible patches: no gradient
+
+
+def test_patchify_follows_the_papers_patch_order_and_unpatchify_inverts_it():
+    imgs = fixed((2, 3, 8, 8), 73)
+    x = L.patchify(imgs, 4)
+    assert x.shape == (2, 4, 48)
+    for i in range(2):
+        for j in range(2):
+            assert torch.equal(x[1, i * 2 + j], paper_patch(imgs[1], i, j, 4))
+    assert torch.equal(L.unpatchify(x, 4), imgs)
+
+
+def test_random_masking_keeps_a_quarter_of_the_patches_with_the_lowest_noise():
+    x = fixed((3, 16, 5), 74)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(75))
+    kept, mask, ids_restore = L.random_masking(x, 0.75, noise=noise)
+    assert kept.shape == (3, 4, 5) and mask.shape == (3, 16)
+    assert (mask.sum(1) == 12).all()
+    for b in range(3):
+        order = sorted(range(16), key=lambda t: noise[b, t].item())[:4]  # lowest noise first
+        assert torch.equal(kept[b], x[b, order])
+        assert sorted(order) == (mask[b] == 0).nonzero().flatten().tolist()
+    # decoder side: kept tokens + mask tokens, unshuffled by ids_restore, give back the patch order
+    full = torch.cat([kept, torch.zeros(3, 12, 5, dtype=x.dtype)], dim=1)
+    restored = torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, 5))
+    assert torch.equal(restored[mask == 0], x[mask == 0]) and (restored[mask == 1] == 0).all()
+    # default noise: 75 % of 16 patches masked in every row
+    _, m, _ = L.random_masking(x, generator=torch.Generator().manual_seed(0))
+    assert (m.sum(1) == 12).all()
+
+
+def test_keep_unmasked_uses_the_loaders_mask_exactly():
+    x = fixed((2, 8, 3), 76)
+    masks = torch.tensor([[1, 1, 0, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    kept, mask, _ = L.keep_unmasked(x, masks)
+    assert torch.equal(kept[0], x[0, [2, 4]]) and torch.equal(kept[1], x[1, [0, 7]])
+    assert torch.equal(mask.bool(), masks)
+    with pytest.raises(ValueError, match="equal masked counts"):
+        L.keep_unmasked(x, torch.tensor([[1] * 8, [0] * 8], dtype=torch.bool))

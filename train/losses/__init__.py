@@ -2,13 +2,14 @@
 
 DINO (centering / Sinkhorn-Knopp), iBOT patch loss, KoLeo, and the SSL family:
 SimCLR's NT-Xent, MoCo v2 (queue) / v3 InfoNCE, BYOL,
-SimSiam, VICReg, Barlow Twins, SwAV.
+SimSiam, VICReg, Barlow Twins, SwAV, MAE.
 """
 from .barlow_twins import BarlowTwinsLoss
 from .byol import BYOLLoss, normalized_mse
 from .dino import DINOLoss
 from .ibot import iBOTPatchLoss, masks_weight
 from .koleo import koleo_loss
+from .mae import MAELoss, keep_unmasked, patchify, random_masking, unpatchify
 from .moco import MoCoV2Loss, MoCoV3Loss
 from .simclr import NTXentLoss
 from .simsiam import SimSiamLoss
@@ -19,4 +20,5 @@ from .vicreg import VICRegLoss
 __all__ = ["DINOLoss", "iBOTPatchLoss", "masks_weight", "koleo_loss", "sinkhorn_knopp", "NTXentLoss",
            "MoCoV2Loss", "MoCoV3Loss",
            "BYOLLoss", "normalized_mse", "SimSiamLoss",
-           "VICRegLoss", "BarlowTwinsLoss", "SwAVLoss"]
+           "VICRegLoss", "BarlowTwinsLoss", "SwAVLoss",
+           "MAELoss", "patchify", "unpatchify", "random_masking", "keep_unmasked"]
