@@ -80,7 +80,8 @@ def run_shard_step(sec: dict[str, Any]) -> StepResult:
     inp, out = _need(sec, "input", "shard"), _need(sec, "output", "shard")
     image_keys = {"image_size", "resize_mode", "min_side", "max_pixels", "max_aspect_ratio", "jpeg_quality",
                   "output_format", "upscale"}
-    fetch_keys = {"connect_timeout", "read_timeout", "total_timeout", "retries", "max_bytes"}
+    fetch_keys = {"connect_timeout", "read_timeout", "total_timeout", "retries", "max_bytes",
+                  "allow_private_addresses", "allow_local_files", "allow_s3_sources"}
     image_opts = ImageOptions(**{k: sec.pop(k) for k in list(sec) if k in image_keys})
     fetch_opts = FetchOptions(**{k: sec.pop(k) for k in list(sec) if k in fetch_keys})
     sec.pop("input"), sec.pop("output")
@@ -161,32 +162,34 @@ def label_is_complete(sec: dict[str, Any]) -> bool:
     from webcurate.shards import manifest as manifest_mod, storage
     from webcurate.shards.dataset import Dataset
 
-    out = sec.get("output")
+    from webcurate.curation.labeling.params import LabelParams
+    from webcurate.shards.params import parse
+
+    p = parse(LabelParams, sec, "pipeline config", section="label")
+    out = p.output
     if not out or not storage.exists(storage.join(out, MODEL_FILE)):
         return False
     m = manifest_mod.load(out) or {}
     params = m.get("parameters") or {}
-    if m.get("stage") != "label" or params.get("lf_sha") != source_sha(read_source(sec["lfs"])):
+    if m.get("stage") != "label" or params.get("lf_sha") != source_sha(read_source(p.lfs)):
         return False
-    if (params.get("min_confidence"), params.get("per_class_cap")) != (
-            float(sec.get("min_confidence", 0.0)), sec.get("per_class_cap")):
+    if (params.get("min_confidence"), params.get("per_class_cap")) != (p.min_confidence, p.per_class_cap):
         return False
     n = m.get("num_shards")
     return n is not None and len(Dataset(out).completed_shards()) == int(n)
 
 
 def run_label_step(sec: dict[str, Any]) -> StepResult:
-    from webcurate.curation.labeling.workflow import run_label
+    from webcurate.curation.labeling.params import LabelParams
+    from webcurate.curation.labeling.workflow import label_dataset
+    from webcurate.shards.params import parse
 
-    sec = dict(sec)
-    inp, lfs = _need(sec, "input", "label"), _need(sec, "lfs", "label")
+    _need(sec, "input", "label"), _need(sec, "lfs", "label")
+    p = parse(LabelParams, sec, "pipeline config", section="label")
     if label_is_complete(sec):
-        return StepResult("label", "complete already", 0.0, sec["output"], "same LFs and options")
-    out = sec.pop("output", None)
-    sec.pop("input"), sec.pop("lfs")
-    if "dev" in sec:
-        sec["dev_uri"] = sec.pop("dev")
-    run = run_label(inp, lfs, out, **sec)
+        return StepResult("label", "complete already", 0.0, p.output, "same LFs and options")
+    out = p.output
+    run = label_dataset(p)
     covered = float((run.L != -1).any(axis=1).mean()) if run.L.size else 0.0
     detail = f"{len(run.keys)} samples, {len(run.lf_names)} LFs, coverage {covered:.2f}"
     if run.selection is not None:

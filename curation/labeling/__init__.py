@@ -1,4 +1,4 @@
-"""Weak labelling: labelling functions, LF analysis, label model, pseudo-labelled export.
+"""Weak labelling: labelling functions, LF analysis, label model, self-training, pseudo-labelled datasets.
 
 The common names are importable from here (lazily, so ``webcurate --help``
 stays fast)::
@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "ABSTAIN": "lf", "labeling_function": "lf", "LabelingFunction": "lf", "load_lf_file": "lf",
-    "LabelModel": "label_model", "MajorityVote": "label_model",
+    "LabelModel": "label_model", "MajorityVote": "majority",
     "Record": "records", "apply_lfs": "apply", "read_votes": "apply",
     "lf_stats": "analysis", "run_label": "workflow",
 }

@@ -1,7 +1,7 @@
 """The label model: learns LF accuracies without labels and combines the votes.
 
 ``LabelModel`` is a Dawid-Skene latent-class model fitted by EM, extended
-with a learned dependency forest between LFs:
+with a learned dependency forest between LFs (``lf_links``):
 
 - every LF j has a full class-conditional output distribution
   ``P(L_j = v | Y = y)`` over the K classes *and* abstain (so class-dependent
@@ -13,8 +13,8 @@ with a learned dependency forest between LFs:
   therefore add only the evidence they really carry instead of being counted
   twice, which is what makes majority vote and independent models over-trust
   them. Links are found by comparing each pair's observed joint vote table
-  with the one the fitted model implies (a G-test with a BIC threshold and a
-  minimum effect size), then the model is refitted; a few rounds at most;
+  with the one the fitted model implies, then the model is refitted; a few
+  rounds at most;
 - the class balance is estimated (or fixed when given);
 - a Dirichlet prior centred on each LF's confusion table against majority
   vote, and on majority vote's class balance (``prior_strength``), keeps EM
@@ -36,123 +36,26 @@ steps are gathers and ``bincount`` over contiguous rows of (LFs, n) codes
 and (K, n) posteriors, so 1M items x 20 LFs fit in about 10 CPU seconds
 (see bench/labeling_scale.py).
 
-``MajorityVote`` is the baseline with the same interface.
+``MajorityVote`` (majority.py) is the baseline with the same interface; it
+and the label-matrix helpers are importable from here too.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import logsumexp
 
-from webcurate.shards.errors import ConfigError
-
+from .calibration import fit_temperature
+from .label_matrix import (LabelModelError, argmax_ties, check_label_matrix, compress_rows, vote_counts,
+                           worth_compressing)
 from .lf import ABSTAIN
+from .lf_links import Dependency, find_links, orient_forest, topological
+from .majority import MajorityVote
 
-
-class LabelModelError(ConfigError):
-    """The label matrix cannot be used (bad values, nothing voted)."""
-
-
-def check_label_matrix(L: np.ndarray, cardinality: int, lf_names: Sequence[str] | None = None) -> np.ndarray:
-    """Validate an (n, m) label matrix; returns it as int16.
-
-    Raises ``LabelModelError`` naming the LF whose column holds a value
-    outside [-1, K-1], or saying that every LF abstained on every item.
-    """
-    L = np.asarray(L)
-    if L.ndim != 2:
-        raise LabelModelError(f"label matrix must be 2-D (items x LFs), got shape {L.shape}")
-    if L.shape[1] == 0:
-        raise LabelModelError("label matrix has no LF columns")
-    if not np.issubdtype(L.dtype, np.integer):
-        if np.issubdtype(L.dtype, np.floating) and np.all(np.isfinite(L)) and np.all(L == np.round(L)):
-            L = L.astype(np.int64)
-        else:
-            raise LabelModelError(f"label matrix must hold integers, got {L.dtype}")
-    names = list(lf_names) if lf_names is not None else [f"LF {j}" for j in range(L.shape[1])]
-    if len(names) != L.shape[1]:
-        raise LabelModelError(f"{len(names)} LF names for {L.shape[1]} label-matrix columns")
-    if L.size:
-        lo, hi = L.min(axis=0), L.max(axis=0)
-        for j in range(L.shape[1]):
-            if lo[j] < ABSTAIN or hi[j] >= cardinality:
-                bad = lo[j] if lo[j] < ABSTAIN else hi[j]
-                raise LabelModelError(
-                    f"LF `{names[j]}` has vote {int(bad)}, outside [-1, {cardinality - 1}] for {cardinality} classes")
-    if L.shape[0] and not np.any(L != ABSTAIN):
-        raise LabelModelError(f"all {L.shape[1]} LFs abstain on all {L.shape[0]} items: nothing to learn from")
-    return L.astype(np.int16, copy=False)
-
-
-def _compress(L: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique rows of L: (unique (u, m), counts (u,), inverse (n,))."""
-    n, m = L.shape
-    if n == 0:
-        return L, np.zeros(0), np.zeros(0, dtype=np.int64)
-    # A random 64-bit hash per row (wrapping arithmetic) is much faster than
-    # np.unique(axis=0); a collision is checked for and falls back.
-    rng = np.random.default_rng(12345)
-    mult = rng.integers(1, 2**62, size=m, dtype=np.int64) | 1
-    h = (L.astype(np.int64) + 2) @ mult
-    _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
-    U = L[first]
-    if not np.array_equal(U[inverse], L):  # pragma: no cover - astronomically rare
-        U, inverse, counts = np.unique(L, axis=0, return_inverse=True, return_counts=True)
-    return U, counts.astype(np.float64), inverse.reshape(-1)
-
-
-def _worth_compressing(L: np.ndarray, sample: int = 20_000) -> bool:
-    """True when rows repeat enough for fitting unique rows to pay off,
-    judged on a deterministic sample (many LFs x many items rarely repeat)."""
-    n = L.shape[0]
-    if n <= sample:
-        return True
-    rows = L[np.random.default_rng(0).choice(n, sample, replace=False)]
-    return len(np.unique(rows, axis=0)) < 0.5 * sample
-
-
-def _logsumexp_cols(a: np.ndarray) -> np.ndarray:
-    """log-sum-exp over axis 0 of a (K, n) array: (n,)."""
-    mx = a.max(axis=0)
-    return mx + np.log(np.exp(a - mx[None, :]).sum(axis=0))
-
-
-def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
-    mx = a.max(axis=1, keepdims=True)
-    return (mx + np.log(np.exp(a - mx).sum(axis=1, keepdims=True)))[:, 0]
-
-
-def argmax_ties(P: np.ndarray, prior: np.ndarray | None = None, tol: float = 1e-12) -> np.ndarray:
-    """Row-wise argmax of (n, K) scores with deterministic ties.
-
-    Among classes within ``tol`` of the row maximum, the one with the larger
-    ``prior`` wins, then the lowest class index.
-    """
-    if P.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    mx = P.max(axis=1, keepdims=True)
-    tied = P >= mx - tol
-    if prior is None:
-        return np.argmax(tied, axis=1)
-    # Rank classes by prior (desc) then index; pick the best-ranked tied class.
-    order = np.lexsort((np.arange(len(prior)), -np.asarray(prior)))
-    rank = np.empty(len(prior), dtype=np.int64)
-    rank[order] = np.arange(len(prior))
-    score = np.where(tied, -rank[None, :], np.iinfo(np.int64).min)
-    return np.argmax(score, axis=1)
-
-
-@dataclass
-class Dependency:
-    """A learned link: ``child`` is modelled conditionally on ``parent``."""
-
-    child: int
-    parent: int
-    kl: float  # per-item KL (nats) of the pair's observed vs modelled joint votes when found
-    found_in_round: int
+__all__ = ["LabelModel", "MajorityVote", "LabelModelError", "Dependency", "argmax_ties", "check_label_matrix"]
 
 
 class LabelModel:
@@ -324,7 +227,7 @@ class LabelModel:
         for it in range(self.max_iter):
             self._m_step(codes, q * w[None, :])
             ll = self._loglik(codes)
-            lse = _logsumexp_cols(ll)
+            lse = logsumexp(ll, axis=0)
             cur = float(lse @ w)
             ll -= lse[None, :]
             q = np.exp(ll, out=ll)
@@ -347,10 +250,7 @@ class LabelModel:
 
     def _mv_init(self, L: np.ndarray) -> np.ndarray:
         """Majority-vote soft labels (K, n): vote shares (ties split); no votes: uniform."""
-        n = L.shape[0]
-        counts = np.zeros((self.K, n))
-        for y in range(self.K):
-            counts[y] = (L == y).sum(axis=1)
+        counts = vote_counts(L, self.K).T
         tot = counts.sum(axis=0, keepdims=True)
         top = counts.max(axis=0, keepdims=True)
         q = ((counts == top) & (tot > 0)).astype(np.float64) + 0.01 * counts  # keep runner-up information
@@ -365,8 +265,8 @@ class LabelModel:
         L = check_label_matrix(L, self.K, lf_names)
         self.lf_names = list(lf_names) if lf_names is not None else [f"lf_{j}" for j in range(L.shape[1])]
         n, self.m = L.shape
-        if self.compress and _worth_compressing(L):
-            U, w, _ = _compress(L)
+        if self.compress and worth_compressing(L):
+            U, w, _ = compress_rows(L)
         else:
             U, w = L, np.ones(n)
         self.parents = [-1] * self.m
@@ -380,22 +280,23 @@ class LabelModel:
         q = self._em(codes, w, self._mv_init(U))
         self.indep_probs = [np.exp(t) for t in self.tables]
         if self.dependencies_enabled and self.m > 1:
-            for rnd in range(1, self.max_rounds + 1):
-                new = self._find_links(U, w, rnd)
-                if not new:
-                    break
-                info = {frozenset((d.child, d.parent)): d for d in self.dependencies + new}
-                self.parents = _orient_forest(self.m, [(d.child, d.parent) for d in info.values()],
-                                              root_score=(U != ABSTAIN).astype(np.float64).T @ w)
-                # Record each link in the direction the forest uses.
-                self.dependencies = []
-                for j, p in enumerate(self.parents):
-                    if p >= 0:
-                        d = info[frozenset((j, p))]
-                        self.dependencies.append(Dependency(j, p, d.kl, d.found_in_round))
-                codes = self._codes(U)
-                q = self._em(codes, w, q)
+            self._link_rounds(U, w, q)
         return self
+
+    def _link_rounds(self, U: np.ndarray, w: np.ndarray, q: np.ndarray) -> None:
+        """Rounds of (find LF copy links against the current fit, refit with them)."""
+        coverage = (U != ABSTAIN).astype(np.float64).T @ w
+        for rnd in range(1, self.max_rounds + 1):
+            new = find_links(U, w, self.lf_output_probs(), np.exp(self.log_pi), self.dependencies, rnd,
+                             min_dependency=self.min_dependency, sample=self.link_sample)
+            if not new:
+                break
+            info = {frozenset((d.child, d.parent)): d for d in self.dependencies + new}
+            self.parents = orient_forest(self.m, [(d.child, d.parent) for d in info.values()], root_score=coverage)
+            # Record each link in the direction the forest uses.
+            self.dependencies = [Dependency(j, p, info[frozenset((j, p))].kl, info[frozenset((j, p))].found_in_round)
+                                 for j, p in enumerate(self.parents) if p >= 0]
+            q = self._em(self._codes(U), w, q)
 
     # -- links between LFs ---------------------------------------------------
     def lf_output_probs(self) -> np.ndarray:
@@ -403,7 +304,7 @@ class LabelModel:
         K1 = self.K + 1
         out = np.zeros((self.m, K1, self.K))
         done = [False] * self.m
-        order = _topological(self.parents)
+        order = topological(self.parents)
         for j in order:
             p = self.parents[j]
             t = np.exp(self.tables[j])
@@ -415,53 +316,6 @@ class LabelModel:
                 out[j] = np.einsum("uy,uvy->vy", out[p], t3)
             done[j] = True
         return out
-
-    def _find_links(self, U: np.ndarray, w: np.ndarray, rnd: int) -> list[Dependency]:
-        """Pairs whose joint votes the current model explains badly (G-test).
-
-        For each pair (a, b) not yet in one tree: observed joint table
-        O[u, v] of their votes vs the model's E[u, v] = N sum_y pi_y
-        P(L_a=u|y) P(L_b=v|y). A pair is linked when N * KL(O||E) beats the
-        BIC cost of the extra parameters and KL exceeds ``min_dependency``;
-        candidates are added strongest first, keeping a forest.
-        """
-        K1 = self.K + 1
-        if U.shape[0] > self.link_sample:
-            # The pair tables are estimated well from a deterministic subsample;
-            # the weights keep it representative of the (compressed) matrix.
-            pick = np.random.default_rng(0).choice(U.shape[0], self.link_sample, replace=False, p=w / w.sum())
-            U, w = U[np.sort(pick)], np.ones(self.link_sample)
-        N = float(w.sum())
-        P = self.lf_output_probs()
-        pi = np.exp(self.log_pi)
-        comp = _components(self.m, [(d.child, d.parent) for d in self.dependencies])
-        Lp = np.ascontiguousarray(U.T, dtype=np.int64) + 1
-        unweighted = bool(np.all(w == 1.0))
-        extra_params = self.K * K1 * self.K - self.K * self.K  # (u, y) rows of K free values vs y rows
-        bic = 0.5 * extra_params * math.log(max(N, 2.0))
-        cands: list[tuple[float, int, int]] = []
-        for a in range(self.m):
-            base = Lp[a] * K1
-            for b in range(a + 1, self.m):
-                if comp[a] == comp[b]:
-                    continue
-                code = base + Lp[b]
-                O = (np.bincount(code, minlength=K1 * K1) if unweighted else
-                     np.bincount(code, weights=w, minlength=K1 * K1)) / N
-                E = np.einsum("y,uy,vy->uv", pi, P[a], P[b]).reshape(-1)
-                nz = O > 0
-                kl = float(np.sum(O[nz] * np.log(O[nz] / np.maximum(E[nz], 1e-300))))
-                if kl > self.min_dependency and N * kl > bic:
-                    cands.append((kl, a, b))
-        cands.sort(key=lambda c: (-c[0], c[1], c[2]))
-        links = []
-        for kl, a, b in cands:
-            if comp[a] == comp[b]:
-                continue
-            old, new = comp[b], comp[a]
-            comp = [new if c == old else c for c in comp]
-            links.append(Dependency(child=b, parent=a, kl=kl, found_in_round=rnd))
-        return links
 
     # -- prediction ----------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -475,10 +329,10 @@ class LabelModel:
             np.asarray(L, dtype=np.int16)
         if L.shape[1] != self.m:
             raise LabelModelError(f"label matrix has {L.shape[1]} LF columns, the model was fitted on {self.m}")
-        U, _, inv = _compress(L) if self.compress and L.shape[0] and _worth_compressing(L) else \
+        U, _, inv = compress_rows(L) if self.compress and L.shape[0] and worth_compressing(L) else \
             (L, None, np.arange(L.shape[0]))
         ll = self._loglik(self._codes(U)).T / self.temperature  # (u, K)
-        ll -= _logsumexp_rows(ll)[:, None] if ll.shape[0] else 0.0
+        ll -= logsumexp(ll, axis=1, keepdims=True) if ll.shape[0] else 0.0
         return ll[inv]
 
     def predict_proba(self, L: np.ndarray) -> np.ndarray:
@@ -515,11 +369,9 @@ class LabelModel:
     def calibrate(self, L_dev: np.ndarray, y_dev: np.ndarray, prior_scale: float = 0.5) -> float:
         """Fit a temperature T on a labelled dev set (items with at least one vote).
 
-        Minimises the dev negative log-likelihood plus a log-normal prior on
-        T (``log T ~ N(0, prior_scale^2)`` per dev set), so a small dev set
-        that happens to be all correct cannot push T toward 0 (overconfidence);
-        with many dev items the data decide. Returns T (1.0 when fewer than
-        2 usable dev items).
+        See ``calibration.fit_temperature`` (dev NLL plus a log-normal prior on
+        T, so a small, all-correct dev set cannot make the model overconfident).
+        Returns T (1.0 when fewer than 2 usable dev items).
         """
         self._check_fitted()
         y_dev = np.asarray(y_dev)
@@ -528,25 +380,8 @@ class LabelModel:
         if keep.sum() < 2:
             return self.temperature
         U = np.asarray(L_dev)[keep]
-        ll = self._loglik(self._codes(U.astype(np.int16))).T  # (n, K)
-        y = y_dev[keep].astype(np.int64)
-        n = len(y)
-
-        def objective(log_t: float) -> float:
-            z = ll / math.exp(log_t)
-            nll = float((_logsumexp_rows(z) - z[np.arange(n), y]).mean())
-            return nll + log_t ** 2 / (2 * prior_scale ** 2 * n)
-
-        a, b = math.log(0.05), math.log(20.0)  # golden-section search over log T
-        g = (math.sqrt(5) - 1) / 2
-        c, d = b - g * (b - a), a + g * (b - a)
-        for _ in range(60):
-            if objective(c) < objective(d):
-                b = d
-            else:
-                a = c
-            c, d = b - g * (b - a), a + g * (b - a)
-        self.temperature = float(math.exp((a + b) / 2))
+        logits = self._loglik(self._codes(U.astype(np.int16))).T  # (n, K)
+        self.temperature = fit_temperature(logits, y_dev[keep], prior_scale)
         return self.temperature
 
     # -- persistence -----------------------------------------------------------
@@ -579,128 +414,3 @@ class LabelModel:
         from webcurate.shards import storage
 
         storage.write_bytes(path, json.dumps(self.to_dict(), indent=1).encode())
-
-
-class MajorityVote:
-    """Majority vote with deterministic ties (the baseline).
-
-    Probabilities are vote shares (tied classes share equally); rows with no
-    vote get the class prior. ``tie_break``: "prior" (the class seen more often
-    as a majority, then the lower index), "index", or "random" (seeded).
-    """
-
-    def __init__(self, cardinality: int, *, class_balance: Sequence[float] | None = None,
-                 tie_break: str = "prior", seed: int = 0):
-        if tie_break not in ("prior", "index", "random"):
-            raise ValueError("tie_break must be prior, index or random")
-        self.K = int(cardinality)
-        self.tie_break = tie_break
-        self.seed = seed
-        self.prior = None if class_balance is None else np.asarray(class_balance, float) / np.sum(class_balance)
-        self.lf_names: list[str] = []
-
-    def _counts(self, L: np.ndarray) -> np.ndarray:
-        counts = np.zeros((L.shape[0], self.K))
-        for y in range(self.K):
-            counts[:, y] = (L == y).sum(axis=1)
-        return counts
-
-    def fit(self, L: np.ndarray, lf_names: Sequence[str] | None = None) -> "MajorityVote":
-        L = check_label_matrix(L, self.K, lf_names)
-        self.lf_names = list(lf_names) if lf_names is not None else [f"lf_{j}" for j in range(L.shape[1])]
-        if self.prior is None:
-            c = self._counts(L)
-            voted = c.sum(axis=1) > 0
-            share = c[voted] / c[voted].sum(axis=1, keepdims=True)
-            p = share.sum(axis=0) + 1.0
-            self.prior = p / p.sum()
-        return self
-
-    @property
-    def class_balance(self) -> np.ndarray:
-        return self.prior if self.prior is not None else np.full(self.K, 1.0 / self.K)
-
-    def predict_proba(self, L: np.ndarray) -> np.ndarray:
-        """(n, K) vote shares; the class prior where nothing voted."""
-        c = self._counts(np.asarray(L))
-        tot = c.sum(axis=1, keepdims=True)
-        P = c / np.maximum(tot, 1)
-        P[tot[:, 0] == 0] = self.class_balance
-        return P
-
-    def predict(self, L: np.ndarray, abstain_if_no_votes: bool = True) -> np.ndarray:
-        L = np.asarray(L)
-        c = self._counts(L)
-        if self.tie_break == "random":
-            rng = np.random.default_rng(self.seed)
-            pred = argmax_ties(c + rng.random(c.shape) * 0.5 * (c == c.max(axis=1, keepdims=True)), None, tol=0)
-        elif self.tie_break == "prior":
-            pred = argmax_ties(c, self.class_balance, tol=0)
-        else:
-            pred = argmax_ties(c, None, tol=0)
-        if abstain_if_no_votes:
-            pred[c.sum(axis=1) == 0] = ABSTAIN
-        return pred
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": "majority", "cardinality": self.K, "lf_names": self.lf_names,
-                "class_balance": self.class_balance.tolist(), "tie_break": self.tie_break}
-
-
-# -- forest helpers ------------------------------------------------------------
-def _components(m: int, edges: list[tuple[int, int]]) -> list[int]:
-    comp = list(range(m))
-
-    def find(x: int) -> int:
-        while comp[x] != x:
-            comp[x] = comp[comp[x]]
-            x = comp[x]
-        return x
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            comp[max(ra, rb)] = min(ra, rb)
-    return [find(i) for i in range(m)]
-
-
-def _orient_forest(m: int, edges: list[tuple[int, int]], root_score: np.ndarray) -> list[int]:
-    """Parent of each node in a forest given undirected edges; each tree is
-    rooted at its node with the largest ``root_score`` (coverage), ties to
-    the lower index, so the widest-covering LF carries the shared evidence."""
-    adj: dict[int, list[int]] = {i: [] for i in range(m)}
-    for a, b in edges:
-        adj[a].append(b)
-        adj[b].append(a)
-    parents = [-1] * m
-    seen = [False] * m
-    comp = _components(m, edges)
-    for c in sorted(set(comp)):
-        nodes = [i for i in range(m) if comp[i] == c]
-        root = min(nodes, key=lambda i: (-root_score[i], i))
-        stack = [root]
-        seen[root] = True
-        while stack:
-            x = stack.pop()
-            for y in sorted(adj[x]):
-                if not seen[y]:
-                    seen[y] = True
-                    parents[y] = x
-                    stack.append(y)
-    return parents
-
-
-def _topological(parents: list[int]) -> list[int]:
-    """Nodes ordered so every parent comes before its children."""
-    order: list[int] = []
-    placed = [False] * len(parents)
-    while len(order) < len(parents):
-        progressed = False
-        for j, p in enumerate(parents):
-            if not placed[j] and (p < 0 or placed[p]):
-                placed[j] = True
-                order.append(j)
-                progressed = True
-        if not progressed:  # pragma: no cover - forests have no cycles
-            raise RuntimeError("LF dependency structure has a cycle")
-    return order

@@ -10,7 +10,7 @@
    calibrate its temperature there and report dev accuracy against majority
    vote;
 5. print the LF analysis table; export the selected items with
-   ``export.export_pseudo_labels`` and save the model beside them.
+   ``pseudo_dataset.write_pseudo_labelled_dataset`` and save the model beside them.
 """
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from webcurate.shards.errors import ConfigError
 from webcurate.shards import storage
+from webcurate.shards.errors import ConfigError
+from webcurate.shards.params import load_yaml, parse
 from webcurate.shards.dataset import Dataset, DatasetError
 
-from . import analysis, apply as apply_mod, export as export_mod
+from . import analysis, apply as apply_mod, pseudo_dataset
 from .label_model import LabelModel, MajorityVote, check_label_matrix
 from .lf import ABSTAIN, LFError, LFSet, load_lf_file, resolve_classes
+from .params import LABEL_MODELS, LabelParams
 
-MODELS = ("labelmodel", "majority", "auto")
+MODELS = LABEL_MODELS
 MODEL_FILE = "label_model.json"
 
 
@@ -44,7 +46,7 @@ class LabelRun:
     pred: np.ndarray
     model: Any
     stats: list[analysis.LFStats]
-    selection: export_mod.Selection | None = None
+    selection: pseudo_dataset.Selection | None = None
     dev: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -53,21 +55,13 @@ def read_config_classes(config_path: str | None) -> list[str] | None:
     """``classes:`` from a YAML config (top level or under ``label:``)."""
     if not config_path:
         return None
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(storage.read_bytes(config_path)) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config {config_path} does not exist") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {config_path} is not valid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"config {config_path} must be a mapping")
-    classes = cfg.get("classes", (cfg.get("label") or {}).get("classes") if isinstance(cfg.get("label"), dict) else None)
+    cfg, where = load_yaml(config_path, "config")
+    label_sec = cfg.get("label")
+    classes = cfg.get("classes", label_sec.get("classes") if isinstance(label_sec, dict) else None)
     if classes is None:
         return None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ConfigError(f"config {config_path}: `classes:` must be a list of names")
+        raise ConfigError(f"config {where}: `classes:` must be a list of names")
     return classes
 
 
@@ -114,45 +108,27 @@ def accuracy(pred: np.ndarray, y: np.ndarray) -> tuple[float | None, float]:
     return float((pred[known][cov] == y[known][cov]).mean()), float(cov.mean())
 
 
-def run_label(
-    input_uri: str,
-    lfs_path: str,
-    output_uri: str | None = None,
-    *,
-    dev_uri: str | None = None,
-    classes: Sequence[str] | None = None,
-    config: str | None = None,
-    model: str = "labelmodel",
-    min_confidence: float = 0.0,
-    per_class_cap: int | None = None,
-    class_balance: Sequence[float] | None = None,
-    max_error_rate: float = 0.5,
-    sidecars: Sequence[str] | None = None,
-    workers: int | None = None,
-    quiet: bool = False,
-) -> LabelRun:
-    """Label ``input_uri`` with the LFs in ``lfs_path``; export to ``output_uri`` when given."""
-    if model not in MODELS:
-        raise ConfigError(f"unknown --model {model!r}; choose one of {', '.join(MODELS)}")
-    lfset = load_lf_file(lfs_path)
-    cls = resolve_classes(classes, read_config_classes(config), lfset.classes)
-    if class_balance is not None and len(class_balance) != len(cls):
-        raise ConfigError(f"--class-balance has {len(class_balance)} values for {len(cls)} classes")
-    ds = Dataset(input_uri)
-    ds.manifest  # a clear error when the input is not a dataset
-    summ = apply_mod.apply_lfs(ds, lfset, cls, sidecars=sidecars, workers=workers, summary=not quiet)
-    check_errors(summ, max_error_rate, f"dataset {input_uri}")
-    votes = apply_mod.read_votes(ds, lfset.names)
-    if not votes.keys:
-        raise DatasetError(f"{input_uri} has no `ok` samples to label")
-    L = check_label_matrix(votes.L, len(cls), lfset.names)
-    m = make_model("labelmodel" if model == "auto" else model, len(cls), class_balance).fit(L, lfset.names)
-    chosen = "labelmodel" if model == "auto" else model
+def run_label(input_uri: str, lfs_path: str, output_uri: str | None = None, *, quiet: bool = False,
+              **options: Any) -> LabelRun:
+    """Label ``input_uri`` with the LFs in ``lfs_path``; export to ``output_uri`` when given.
 
+    ``options``: any other ``LabelParams`` field (dev, classes, config, model,
+    min_confidence, per_class_cap, class_balance, max_lf_error_rate, sidecars,
+    workers); a bad one is a ``ConfigError`` naming it.
+    """
+    params = parse(LabelParams, {"input": input_uri, "lfs": lfs_path, "output": output_uri, **options},
+                   "label options")
+    return label_dataset(params, quiet=quiet)
+
+
+def _fit_and_compare(p: LabelParams, L: np.ndarray, lfset: LFSet, cls: list[str],
+                     L_dev: np.ndarray | None, y_dev: np.ndarray | None) -> tuple[Any, str, dict[str, Any]]:
+    """Fit the chosen model; with a dev set calibrate it, compare it with majority vote and
+    (``auto``) keep the more accurate. Returns (model, its name, dev summary)."""
+    chosen = "labelmodel" if p.model == "auto" else p.model
+    m = make_model(chosen, len(cls), p.class_balance).fit(L, lfset.names)
     dev: dict[str, Any] = {}
-    L_dev = y_dev = None
-    if dev_uri:
-        L_dev, y_dev = dev_votes(dev_uri, lfset, cls, workers, max_error_rate, sidecars)
+    if L_dev is not None and y_dev is not None:
         if isinstance(m, LabelModel) and np.any(L_dev != ABSTAIN):
             dev["temperature"] = m.calibrate(L_dev, y_dev)
         mv = MajorityVote(len(cls), class_balance=m.class_balance).fit(L, lfset.names)
@@ -160,34 +136,62 @@ def run_label(
             acc, cov = accuracy(mod.predict(L_dev) if np.any(L_dev != ABSTAIN) else
                                 np.full(len(y_dev), ABSTAIN), y_dev)
             dev[f"{name}_accuracy"], dev[f"{name}_coverage"] = acc, cov
-        if model == "auto" and (dev.get("majority_accuracy") or 0) > (dev.get("labelmodel_accuracy") or 0):
+        if p.model == "auto" and (dev.get("majority_accuracy") or 0) > (dev.get("labelmodel_accuracy") or 0):
             # The LFs break the label model's assumptions here; the dev set says so.
             m, chosen = mv, "majority"
-    if model == "auto":
-        dev["chosen_model"] = chosen if dev_uri else "labelmodel (no --dev to compare with)"
+    if p.model == "auto":
+        dev["chosen_model"] = chosen if p.dev else "labelmodel (no --dev to compare with)"
+    return m, chosen, dev
 
+
+def label_dataset(p: LabelParams, *, quiet: bool = False) -> LabelRun:
+    """The label stage for validated parameters ``p`` (see the module docstring for the steps)."""
+    lfset = load_lf_file(p.lfs)
+    cls = resolve_classes(p.classes, read_config_classes(p.config), lfset.classes)
+    if p.class_balance is not None and len(p.class_balance) != len(cls):
+        raise ConfigError(f"--class-balance has {len(p.class_balance)} values for {len(cls)} classes")
+    ds = Dataset(p.input)
+    ds.manifest  # a clear error when the input is not a dataset
+    summ = apply_mod.apply_lfs(ds, lfset, cls, sidecars=p.sidecars, workers=p.workers, summary=not quiet)
+    check_errors(summ, p.max_lf_error_rate, f"dataset {p.input}")
+    votes = apply_mod.read_votes(ds, lfset.names)
+    if not votes.keys:
+        raise DatasetError(f"{p.input} has no `ok` samples to label")
+    L = check_label_matrix(votes.L, len(cls), lfset.names)
+    L_dev = y_dev = None
+    if p.dev:
+        L_dev, y_dev = dev_votes(p.dev, lfset, cls, p.workers, p.max_lf_error_rate, p.sidecars)
+    m, chosen, dev = _fit_and_compare(p, L, lfset, cls, L_dev, y_dev)
     probs = m.predict_proba(L)
     pred = m.predict(L)
     stats = analysis.lf_stats(L, lfset.names, cls, L_dev=L_dev, y_dev=y_dev, model=m, errors=summ.errors)
     run = LabelRun(classes=cls, lf_names=lfset.names, keys=votes.keys, L=L, probs=probs, pred=pred,
                    model=m, stats=stats, dev=dev)
     if not quiet:
-        analysis.print_lf_table(stats, title=f"LF analysis: {input_uri}")
-    if output_uri:
-        run.selection = export_mod.select(votes.keys, probs, pred, min_confidence=min_confidence,
-                                          per_class_cap=per_class_cap)
-        params = {"lfs": lfset.names, "lf_sha": lfset.sha, "model": chosen, "min_confidence": min_confidence,
-                  "per_class_cap": per_class_cap, "class_balance": None if class_balance is None else list(class_balance),
-                  "dev": dev_uri}
-        run.manifest = export_mod.export_pseudo_labels(
-            input_uri, output_uri, votes.keys, probs, L, lfset.names, cls, run.selection,
-            model_name=chosen, parameters=params, workers=workers, summary=not quiet)
-        storage.write_bytes(storage.join(output_uri, MODEL_FILE),
-                            json.dumps({**m.to_dict(), "classes": cls, "dev": dev,
-                                        "lf_stats": [st.to_dict() for st in stats]}, indent=1).encode())
+        analysis.print_lf_table(stats, title=f"LF analysis: {p.input}")
+    if p.output:
+        _export(p, run, lfset, chosen, quiet)
     if not quiet:
-        print_run_summary(run, output_uri)
+        print_run_summary(run, p.output)
     return run
+
+
+def _export(p: LabelParams, run: LabelRun, lfset: LFSet, chosen: str, quiet: bool) -> None:
+    """Write the pseudo-labelled dataset and the model (with LF stats and dev summary) beside it."""
+    run.selection = pseudo_dataset.select(run.keys, run.probs, run.pred, min_confidence=p.min_confidence,
+                                          per_class_cap=p.per_class_cap)
+    params = {"lfs": lfset.names, "lf_sha": lfset.sha, "model": chosen, "min_confidence": p.min_confidence,
+              "per_class_cap": p.per_class_cap, "class_balance": p.class_balance, "dev": p.dev}
+    fields = pseudo_dataset.label_fields(run.keys, run.probs, run.selection, run.classes, model_name=chosen,
+                                         sources=pseudo_dataset.lf_sources(run.L, lfset.names, run.selection))
+    table = pseudo_dataset.pseudo_label_table(run.keys, run.probs, run.classes, run.selection,
+                                              num_votes=(run.L != ABSTAIN).sum(axis=1))
+    run.manifest = pseudo_dataset.write_pseudo_labelled_dataset(
+        p.input, p.output, fields, table, run.classes, stage="label", parameters=params, workers=p.workers,
+        summary=not quiet)
+    storage.write_bytes(storage.join(p.output, MODEL_FILE),
+                        json.dumps({**run.model.to_dict(), "classes": run.classes, "dev": run.dev,
+                                    "lf_stats": [st.to_dict() for st in run.stats]}, indent=1).encode())
 
 
 def print_run_summary(run: LabelRun, output_uri: str | None) -> None:

@@ -146,7 +146,7 @@ def test_lf_out_of_range_stops_the_run_naming_the_lf(pets, tmp_path, ray_local):
                                           r"LF `bad_index` returned 3, not a class index in \[-1, 2\]"):
         run_label(root, path, str(tmp_path / "o"), quiet=True)
     # Allowed to go on, the broken LF just abstains everywhere.
-    run = run_label(root, path, None, max_error_rate=1.0, quiet=True)
+    run = run_label(root, path, None, max_lf_error_rate=1.0, quiet=True)
     assert (run.L[:, 1] == -1).all() and (run.L[:, 0] != -1).any()
 
 
@@ -162,7 +162,7 @@ def test_dev_set_with_unknown_class_names_names_the_field(pets, tmp_path, ray_lo
     ''', classes=["cat", "dog", "fish"])
     with pytest.raises(USER_ERRORS, match=r"dev dataset .*: field `label` has class names not in the class list "
                                           r"\['cat', 'dog', 'fish'\]: \['bird'\]"):
-        run_label(root, path, None, dev_uri=dev, quiet=True)
+        run_label(root, path, None, dev=dev, quiet=True)
 
 
 def test_label_on_s3_in_a_fresh_process(s3_bucket, tmp_path, gen):
@@ -187,7 +187,7 @@ def test_label_on_s3_in_a_fresh_process(s3_bucket, tmp_path, gen):
 def test_auto_model_takes_the_more_accurate_on_dev(pets, seed_and_dev, tmp_path, ray_local):
     root, _ = pets
     seed, dev = seed_and_dev
-    run = run_label(root, seeded_lfs(tmp_path, seed), None, dev_uri=dev, model="auto", quiet=True)
+    run = run_label(root, seeded_lfs(tmp_path, seed), None, dev=dev, model="auto", quiet=True)
     best = "majority" if run.dev["majority_accuracy"] > run.dev["labelmodel_accuracy"] else "labelmodel"
     assert run.dev["chosen_model"] == best
     assert type(run.model).__name__ == {"majority": "MajorityVote", "labelmodel": "LabelModel"}[best]

@@ -1,21 +1,29 @@
-"""The pseudo-labelled dataset: selection by confidence, per-class caps, export.
+"""Writes the pseudo-labelled dataset: selection by confidence, per-class caps, the copy.
 
-Items every LF abstained on get no label. The rest get the model's most
-probable class; those below ``min_confidence`` are left out, and with
-``per_class_cap`` each class keeps at most that many, most confident first
-(ties by key, so the choice is deterministic). Selected samples are copied
-with ``webcurate.shards.subset.write_subset`` (bytes untouched), their json
-and index row gaining:
+Both ``webcurate label`` and ``webcurate selftrain`` write their output here,
+so every downstream consumer reads one format.
+
+Items with no label (every LF abstained; rejected as no class) get none.
+The rest get the model's most probable class; those below
+``min_confidence`` are left out, and with ``per_class_cap`` each class keeps
+at most that many, most confident first (ties by key, so the choice is
+deterministic). Selected samples are copied with
+``webcurate.shards.subset.write_subset`` (bytes untouched), their json and
+index row gaining:
 
 - ``label``: class name; ``label_index``: its index;
 - ``label_prob``: the full probability vector (K floats, class order of
   ``label_classes`` in the manifest parameters);
 - ``label_confidence``: the chosen class's probability;
-- ``label_sources``: the LFs that voted for the chosen class;
+- ``label_sources``: what made the label: the LFs that voted for the chosen
+  class, or ``selftrain:round_<r>`` (the self-training round that added it;
+  ``selftrain:final`` for the final classifier);
 - ``label_model``: which model made the label.
 
 ``<output>/pseudo_labels.parquet`` lists every input item: key, label (null
-when not labelled), label_index, confidence, probs, num_votes, selected.
+when not labelled), label_index, confidence, probs, selected, and the
+stage's own columns (num_votes for label; round, novelty, rejected for
+selftrain).
 """
 from __future__ import annotations
 
@@ -26,8 +34,6 @@ import numpy as np
 import pyarrow as pa
 
 from webcurate.shards import storage
-
-from .lf import ABSTAIN
 
 PSEUDO_LABELS_FILE = "pseudo_labels.parquet"
 
@@ -71,9 +77,15 @@ def select(keys: Sequence[str], probs: np.ndarray, pred: np.ndarray, *, min_conf
     return Selection(pred=pred, confidence=conf, selected=sel, reasons=reasons)
 
 
-def selected_fields(keys: Sequence[str], probs: np.ndarray, L: np.ndarray, lf_names: Sequence[str],
-                    classes: Sequence[str], selection: Selection, model_name: str) -> dict[str, dict[str, Any]]:
-    """{key: extra json/index fields} for the selected items."""
+def lf_sources(L: np.ndarray, lf_names: Sequence[str], selection: Selection) -> list[list[str]]:
+    """Per item, the LFs that voted for its chosen class (empty when it has no label)."""
+    return [[lf_names[j] for j in np.nonzero(L[i] == y)[0]] if y >= 0 else []
+            for i, y in enumerate(selection.pred.tolist())]
+
+
+def label_fields(keys: Sequence[str], probs: np.ndarray, selection: Selection, classes: Sequence[str], *,
+                 model_name: str, sources: Sequence[Sequence[str]]) -> dict[str, dict[str, Any]]:
+    """{key: extra json/index fields} for the selected items; ``sources`` (n,) lists per item."""
     out: dict[str, dict[str, Any]] = {}
     for i in np.nonzero(selection.selected)[0]:
         y = int(selection.pred[i])
@@ -82,51 +94,51 @@ def selected_fields(keys: Sequence[str], probs: np.ndarray, L: np.ndarray, lf_na
             "label_index": y,
             "label_prob": [round(float(p), 6) for p in probs[i]],
             "label_confidence": round(float(selection.confidence[i]), 6),
-            "label_sources": [lf_names[j] for j in np.nonzero(L[i] == y)[0]],
+            "label_sources": list(sources[i]),
             "label_model": model_name,
         }
     return out
 
 
-def pseudo_label_table(keys: Sequence[str], probs: np.ndarray, L: np.ndarray, classes: Sequence[str],
-                       selection: Selection) -> pa.Table:
-    """All items: key, label, label_index, confidence, probs (K floats), num_votes, selected."""
-    n, K = probs.shape if probs.ndim == 2 else (0, len(classes))
+def pseudo_label_table(keys: Sequence[str], probs: np.ndarray, classes: Sequence[str], selection: Selection,
+                       **extra: np.ndarray) -> pa.Table:
+    """All items: key, label, label_index, confidence, probs (K floats), the ``extra`` (n,) columns, selected."""
+    K = probs.shape[1] if probs.ndim == 2 else len(classes)
     pred = selection.pred
     flat = pa.array(probs.astype(np.float32).reshape(-1), pa.float32())
-    return pa.table({
+    cols: dict[str, pa.Array] = {
         "key": pa.array(list(keys), pa.string()),
         "label": pa.array([classes[p] if p >= 0 else None for p in pred.tolist()], pa.string()),
         "label_index": pa.array(pred.astype(np.int32), pa.int32()),
         "confidence": pa.array(selection.confidence.astype(np.float32), pa.float32()),
         "probs": pa.FixedSizeListArray.from_arrays(flat, K),
-        "num_votes": pa.array((np.asarray(L) != ABSTAIN).sum(axis=1).astype(np.int32), pa.int32()),
-        "selected": pa.array(selection.selected.astype(bool), pa.bool_()),
-    })
+    }
+    for name, values in extra.items():
+        v = np.asarray(values)
+        cols[name] = pa.array(v.astype(np.int32) if v.dtype.kind in "iu" else v)
+    cols["selected"] = pa.array(selection.selected.astype(bool), pa.bool_())
+    return pa.table(cols)
 
 
-def export_pseudo_labels(
+def write_pseudo_labelled_dataset(
     src_root: str,
     dst_root: str,
-    keys: Sequence[str],
-    probs: np.ndarray,
-    L: np.ndarray,
-    lf_names: Sequence[str],
+    fields: dict[str, dict[str, Any]],
+    table: pa.Table,
     classes: Sequence[str],
-    selection: Selection,
     *,
-    model_name: str,
+    stage: str,
     parameters: dict[str, Any],
     workers: int | None = None,
     summary: bool = True,
 ) -> dict[str, Any]:
-    """Write the pseudo-labelled dataset and ``pseudo_labels.parquet``; returns its manifest."""
+    """Copy the selected samples (``fields``: key -> label fields) to ``dst_root`` and write
+    ``pseudo_labels.parquet`` (``table``); returns the new dataset's manifest."""
     from webcurate.shards.subset import write_subset
     from webcurate.shards.writer import write_parquet
 
-    chosen = selected_fields(keys, probs, L, lf_names, classes, selection, model_name)
-    manifest = write_subset(src_root, dst_root, chosen, stage="label",
+    manifest = write_subset(src_root, dst_root, fields, stage=stage,
                             parameters={**parameters, "label_classes": list(classes)},
                             workers=workers, summary=summary)
-    write_parquet(storage.join(dst_root, PSEUDO_LABELS_FILE), pseudo_label_table(keys, probs, L, classes, selection))
+    write_parquet(storage.join(dst_root, PSEUDO_LABELS_FILE), table)
     return manifest
