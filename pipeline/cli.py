@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "webcurate.shards.cli",
     "webcurate.curation.search_cli",
     "webcurate.curation.cli",
+    "webcurate.curation.quality_cli",
     "webcurate.curation.labeling.cli",
     "webcurate.train.cli",
     "webcurate.pipeline.jobs_cli",
