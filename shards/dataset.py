@@ -69,7 +69,8 @@ class Dataset:
 
     def completed_shards(self) -> list[int]:
         """Shards recorded complete whose index file exists."""
-        recorded = set(self.manifest.get("completed_shards", []))
+        _ = self.manifest  # a clear error when this is not a dataset
+        recorded = set(manifest_mod.completed_ids(self.root))
         present = {
             int(e.name.split(".")[0])
             for e in storage.list_dir(storage.join(self.root, layout.INDEX_DIR))
@@ -136,9 +137,9 @@ class Dataset:
         return layout.sidecar_uri(self.root, stage, shard)
 
     def sidecar_completed(self, stage: str) -> list[int]:
-        """Shards whose ``stage`` part is recorded complete and present."""
-        entry = self.reload().manifest.get("stages", {}).get(stage, {})
-        recorded = set(entry.get("completed_shards", []))
+        """Shards whose ``stage`` part is recorded complete (its completion object) and present."""
+        self.reload()  # callers read the stage's manifest entry next: make it current
+        recorded = set(manifest_mod.completed_ids(self.root, stage))
         present = {
             int(e.name[len("part-"):-len(".parquet")])
             for e in storage.list_dir(layout.sidecar_dir(self.root, stage))

@@ -34,15 +34,35 @@ class StageError(RunError):
 
 @dataclass
 class StageResult:
+    """What one run of a stage did; every stage returns one.
+
+    ``done``: shards written by this run with their stats; ``skipped``: shards
+    complete before it; ``failed``: shard -> reason after retries. ``totals`` are
+    the stage's counts over every complete part (also after a run that had
+    nothing to do); ``info`` holds stage-specific figures (edges, levels, ...)
+    and ``warnings`` what the user should read.
+    """
+
     stage: str
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    root: str = ""
+    totals: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    message: str | None = None
 
     @property
     def counts(self) -> dict[str, int]:
+        """Counts of the shards this run wrote."""
         return manifest_mod.sum_counts(self.done)
+
+    @property
+    def ran(self) -> bool:
+        """True when this run did work (wrote or tried to write a part)."""
+        return bool(self.done or self.failed)
 
 
 def run_shards(
@@ -56,15 +76,20 @@ def run_shards(
     workers: int | None = None,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    memory: int | None = None,
     max_retries: int = 3,
     count_key: str | None = "total",
+    per_shard: dict[int, dict[str, Any]] | None = None,
 ) -> StageResult:
-    """Run ``fn(shard, **kwargs)`` as a Ray task for each shard not in ``done``.
+    """Run ``fn(shard, **kwargs, **per_shard[shard])`` as a Ray task for each shard not in ``done``.
 
     At most ``workers`` tasks are in flight (default: as many as the cluster's
-    CPUs allow at ``num_cpus`` each). ``on_done`` runs in the driver as each
-    shard finishes, in completion order. Failures after retries are collected,
-    not raised, so every finished shard is recorded; see ``StageResult.failed``.
+    CPUs allow at ``num_cpus`` each); ``memory`` (bytes) is each task's Ray
+    memory reservation. ``kwargs`` are shipped once for all tasks,
+    ``per_shard`` values only to their own shard's task. ``on_done`` runs in
+    the driver as each shard finishes, in completion order. Failures after
+    retries are collected, not raised, so every finished shard is recorded;
+    see ``StageResult.failed``.
     """
     import ray
 
@@ -80,6 +105,7 @@ def run_shards(
     remote = ray.remote(_call_with_shared_kwargs(fn)).options(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
+        **({"memory": int(memory)} if memory else {}),
         max_retries=max_retries,
         retry_exceptions=list(RETRYABLE),
         name=f"webcurate:{desc}",
@@ -94,7 +120,8 @@ def run_shards(
         while queue or pending:
             while queue and len(pending) < workers:
                 s = queue.pop(0)
-                pending[remote.remote(s, kw_ref)] = s
+                own = ray.put(per_shard[s]) if per_shard and s in per_shard else None
+                pending[remote.remote(s, kw_ref, own)] = s
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 s = pending.pop(ref)
@@ -125,10 +152,10 @@ def _short_error(e: BaseException) -> str:
 
 
 def _call_with_shared_kwargs(fn: Callable[..., dict[str, Any]]):
-    """Adapter so tasks receive ``(shard, kwargs_ref)`` and call ``fn(shard, **kwargs)``."""
+    """Adapter so tasks receive ``(shard, kwargs_ref, own_ref)`` and call ``fn(shard, **kwargs, **own)``."""
 
-    def call(shard: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return fn(shard, **kwargs)
+    def call(shard: int, kwargs: dict[str, Any], own: dict[str, Any] | None) -> dict[str, Any]:
+        return fn(shard, **kwargs, **(own or {}))
 
     call.__name__ = getattr(fn, "__name__", "shard_task")
     call.__qualname__ = call.__name__
@@ -151,31 +178,18 @@ def run_sidecar_stage(
 ) -> StageResult:
     """Run a per-shard sidecar stage over the dataset's completed shards.
 
-    Records ``stage`` with ``parameters`` in the manifest (a change of
-    parameters restarts completion), skips parts already complete, records
-    each finished part, and raises ``StageError`` at the end if any shard
-    failed (after the finished ones are safely recorded).
+    Records ``stage`` with ``parameters`` (a change of parameters restarts
+    completion), skips parts already complete, records each finished part
+    (one completion object each), and raises ``StageError`` at the end if any
+    shard failed (after the finished ones are safely recorded).
     """
-    manifest_mod.record_stage(dataset.root, stage, parameters, **stage_info)
-    dataset.reload()
-    shards = dataset.completed_shards()
-    done = set(dataset.sidecar_completed(stage))
+    from .global_stage import GlobalStage
 
-    def on_done(shard: int, stats: dict[str, Any]) -> None:
-        manifest_mod.record_shard(dataset.root, shard, stats, stage=stage)
-
-    result = run_shards(
-        fn, shards,
-        kwargs={"root": dataset.root, **(kwargs or {})},
-        done=done, on_done=on_done, desc=stage,
-        workers=workers, num_cpus=num_cpus, num_gpus=num_gpus, count_key=count_key,
-    )
-    manifest_mod.record_stage(dataset.root, stage, parameters, finished=manifest_mod.now_iso())
-    dataset.reload()
-    if summary:
-        print_summary(result, title=f"{stage}: {dataset.root}")
-    raise_if_failed(result)
-    return result
+    run = GlobalStage(dataset, stage, parameters, command=stage)
+    run.start(**stage_info)
+    result = run.write_parts(fn, kwargs=kwargs, workers=workers, num_cpus=num_cpus, num_gpus=num_gpus,
+                             count_key=count_key)
+    return run.finish(result, summary=summary)
 
 
 def raise_if_failed(result: StageResult) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 
 import numpy as np
@@ -132,9 +133,8 @@ def test_missing_or_partial_embeddings_are_clear_errors(tmp_path):
         run_cluster(root, levels="4", summary=False)
     X, _ = cd.mixture(8, [20], seed=0)
     cd.write_embeddings(root, keys, X)
-    m = manifest_mod.load(root)
-    m["stages"]["embeddings"]["completed_shards"] = [0]  # shard 1 not embedded yet
-    manifest_mod.save(root, m)
+    run = manifest_mod.stage_record(root, "embeddings")["run"]
+    os.unlink(os.path.join(manifest_mod.progress_dir(root, "embeddings", run), "00001.json"))  # not embedded yet
     with pytest.raises(DatasetError, match="1 of 2"):
         run_cluster(root, levels="4", summary=False)
 
