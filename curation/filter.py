@@ -144,16 +144,16 @@ def filter_shard(shard: int, root: str, params: dict[str, Any], duplicate_hashes
 
 def _upstream(ds, p: FilterParams) -> dict[str, Any]:
     """What the decisions depend on besides the thresholds: the recorded quality and score stages."""
-    from . import global_stage
+    from webcurate.shards import global_stage
 
-    up = {quality.STAGE: global_stage.stage_entry(ds, quality.STAGE).get("parameters")}
+    up = {quality.STAGE: global_stage.stage_run(ds.root, quality.STAGE)}
     for name in p.score_floors:
         stage = score_stage(name)
         if not ds.sidecar_completed(stage):
             raise DatasetError(f"min_score {name}: {ds.root} has no `{stage}` table; run "
                                f"`webcurate score --input {ds.root} --name {name} ...` first")
         global_stage.require_complete(ds, stage, "score")
-        up[stage] = global_stage.stage_entry(ds, stage).get("parameters")
+        up[stage] = global_stage.stage_run(ds.root, stage)
     return up
 
 
@@ -172,16 +172,16 @@ def run_filter(input: str, params: FilterParams | None = None, *, workers: int |
     p = params or FilterParams()
     ds = Dataset(input)
     _ = ds.manifest
-    quality.run_quality(input, workers=workers, summary=summary)
-    from . import global_stage
+    from webcurate.shards import global_stage
 
+    quality.run_quality(input, workers=workers, summary=summary)
     global_stage.require_complete(ds, quality.STAGE, "filter")
     parameters = {**p.decision_record(), "upstream": _upstream(ds, p)}
     dups = duplicate_caption_hashes(ds, None if "caption_duplicate" in p.skip else p.max_caption_repeats)
     res = run_sidecar_stage(ds, STAGE, filter_shard, parameters, workers=workers, summary=summary,
                             kwargs={"params": p.as_record(), "duplicate_hashes": dups},
                             duplicate_captions=int(len(dups)))
-    counts = dict(ds.reload().manifest["stages"][STAGE].get("counts", {}))
+    counts = dict(res.totals)
     total, removed = int(counts.get("total", 0)), int(counts.get("removed", 0))
     share = removed / total if total else 0.0
     by_reason = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])
@@ -207,7 +207,7 @@ def filtered_keys(ds) -> set[str]:
 
     A refused or partial filter is an error, not a silent "keep everything".
     """
-    from . import global_stage
+    from webcurate.shards import global_stage
 
     entry = global_stage.stage_entry(ds, STAGE)
     if not entry:

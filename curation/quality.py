@@ -208,6 +208,5 @@ def run_quality(input: str, *, workers: int | None = None, summary: bool = True)
     _ = ds.manifest  # a clear error when input is not a dataset
     res = run_sidecar_stage(ds, STAGE, quality_shard, QualityParams().as_record(), workers=workers,
                             summary=summary)
-    return {"counts": dict(ds.reload().manifest["stages"][STAGE].get("counts", {})),
-            "shards_done": sorted(res.done), "shards_skipped": sorted(res.skipped),
+    return {"counts": dict(res.totals), "shards_done": sorted(res.done), "shards_skipped": sorted(res.skipped),
             "seconds": round(res.seconds, 2)}

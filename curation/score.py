@@ -250,7 +250,7 @@ def run_score(input: str, params: ScoreParams, *, workers: int | None = None, su
     from webcurate.shards.dataset import Dataset
     from webcurate.shards.stage import run_sidecar_stage
 
-    from . import global_stage
+    from webcurate.shards import global_stage
 
     ds = Dataset(input)
     _ = ds.manifest
@@ -270,19 +270,20 @@ def run_score(input: str, params: ScoreParams, *, workers: int | None = None, su
         global_stage.require_complete(ds, "embeddings", "embed")
         outputs = check_widths(params, head, int(emb.get("dim") or 0),
                                f"the embeddings of {ds.root} ({emb.get('model')})")
-        record.update(source="embeddings", embeddings=emb.get("weights_sha256"))
+        record.update(source="embeddings", embeddings=emb.get("weights_sha256"),
+                      embeddings_run=global_stage.stage_run(ds.root, "embeddings"))
         fn, kwargs = score_embeddings_shard, {"weight": head[0], "bias": head[1], "activation": params.activation,
                                               "output": params.output}
     res = run_sidecar_stage(ds, stage, fn, record, kwargs={"stage": stage, **kwargs}, workers=workers,
                             summary=summary, outputs=outputs)
     return {"stage": stage, "name": params.score_name, "outputs": outputs,
-            "counts": dict(ds.reload().manifest["stages"][stage].get("counts", {})),
+            "counts": dict(res.totals),
             "shards_done": sorted(res.done), "shards_skipped": sorted(res.skipped), "seconds": round(res.seconds, 2)}
 
 
 def read_scores(ds, name: str) -> dict[str, float]:
     """``{key: score}`` of the complete ``score_<name>`` sidecar (samples without a score left out)."""
-    from . import global_stage
+    from webcurate.shards import global_stage
 
     stage = score_stage(name)
     if not ds.sidecar_completed(stage):
