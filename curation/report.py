@@ -347,6 +347,7 @@ figcaption{font-size:10px;color:#555;overflow:hidden;text-overflow:ellipsis;whit
 def build_report(root: str, *, max_shards: int = MAX_SHARDS) -> str:
     """The report of dataset ``root`` as an HTML string."""
     import webcurate.curation.labeling.report_section  # noqa: F401  (registers the labelling sections)
+    import webcurate.curation.quality_report  # noqa: F401  (registers the quality-filter section)
 
     ds = Dataset(root)
     _ = ds.manifest  # clear error when it is not a dataset

@@ -89,7 +89,7 @@ def junk_dataset(root: str, photos: int = 8) -> dict[str, str]:
     for key, caption, reason in (("c_file", "IMG_1234.jpg", "caption_filename"),
                                  ("c_url", "https://example.com/p/1.jpg", "caption_url_only"),
                                  ("c_symbols", "!!! 2024 ***", "caption_no_letters"),
-                                 *((f"c_dup{i}", "Click  to ENLARGE", "caption_duplicate") for i in range(4))):
+                                 *((f"c_dup{i}", "<b>Click</b>  to ENLARGE", "caption_duplicate") for i in range(4))):
         items.append((key, jpeg_bytes(photo(500 + len(items))), caption))
         expect[key] = reason
     # Interleave so each shard holds photos and defects.

@@ -101,3 +101,17 @@ def test_out_of_range_thresholds_name_the_option_or_field_before_any_work(tmp_pa
         parse(FilterParams, {"min_brightness": 200, "max_brightness": 100}, "curate.yaml", section="filter")
     assert parse(FilterParams, {"min_score": {"aesthetic": 0.5}, "min_blur": None}, "c.yaml").score_floors == \
         {"aesthetic": 0.5}
+
+
+def test_the_report_shows_histograms_and_the_worst_removed_samples_escaped(pool):
+    from webcurate.curation.report import build_report
+
+    root, _ = pool
+    run_filter(root, FilterParams(max_caption_repeats=3, allow_mass_removal=True), summary=False)
+    page = build_report(root)
+    section = page[page.index('id="sec-quality-filters"'):]
+    assert section.count("<svg") >= 10 and "&lt; 20" in section  # one histogram per score; dark threshold
+    assert "dark: 1 removed, worst first" in section and "brightness 4.7" in section
+    assert "caption_duplicate: 4 removed" in section and "&lt;b&gt;Click&lt;/b&gt;" in section
+    assert "<b>Click</b>" not in page
+    assert "undecodable (1)" in section and "j_broken" in section
