@@ -159,6 +159,8 @@ def run_webcurate(input_uri: str, out: str, shard_size: int, log: str) -> dict:
     exe = os.path.join(os.path.dirname(sys.executable), "webcurate")
     cmd = [exe, "shard", "--input", input_uri, "--output", out, "--workers", "2", "--threads", "16",
            "--shard-size", str(shard_size), "--image-size", "256", "--resize-mode", "keep_ratio", "--quality", "95"]
+    if "://" in input_uri or input_uri.endswith(".parquet"):
+        cmd.append("--allow-private-addresses")  # the photos are served from 127.0.0.1
     env = dict(os.environ, WEBCURATE_QUIET="1")
     env.pop("RAY_ADDRESS", None)
     seconds, cpu = run_timed(cmd, env, log)

@@ -54,7 +54,8 @@ def demo_pipeline(work: str, url_list: str, seed_root: str, dev_root: str, lfs: 
     data = os.path.join(work, "data")
     return {
         "shard": {"input": url_list, "output": os.path.join(data, "raw"), "shard_size": 128, "image_size": 64,
-                  "resize_mode": "keep_ratio", "threads": 8, "retries": 1, "read_timeout": 5.0},
+                  "resize_mode": "keep_ratio", "threads": 8, "retries": 1, "read_timeout": 5.0,
+                  "allow_private_addresses": True},  # the corpus is served from 127.0.0.1
         "curate": {
             "output": os.path.join(data, "curated"),
             "embed": {"model": EMBED_MODEL, "random_init": True, "image_size": 64, "batch_size": 64},

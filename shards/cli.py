@@ -35,9 +35,17 @@ import click
 @click.option("--max-bytes", default=32 * 1024 * 1024, show_default=True, help="Cap on one download's size.")
 @click.option("--user-agent", default=None, help="HTTP User-Agent (default names webcurate).")
 @click.option("--no-dedup", is_flag=True, help="Keep exact duplicates (same decoded pixels) as separate samples.")
+@click.option("--allow-private-addresses", is_flag=True,
+              help="Also fetch from loopback and private-range hosts (on-prem mirrors). Link-local "
+                   "addresses such as cloud metadata (169.254.169.254) are refused always.")
+@click.option("--allow-local-files", is_flag=True, help="Let a URL list name local files (file:// or absolute paths).")
+@click.option("--allow-s3-sources", is_flag=True, help="Let a URL list name s3:// objects in any bucket.")
+@click.option("--s3-source-bucket", "s3_source_buckets", multiple=True,
+              help="Let a URL list name s3:// objects in this bucket (repeatable).")
 def shard(input_uri, output, url_col, caption_col, label_col, labels_from_dirs, adopt, shard_size, workers, threads,
           image_size, resize_mode, upscale, quality, output_format, min_side, max_pixels, max_aspect_ratio,
-          timeout, total_timeout, retries, max_bytes, user_agent, no_dedup):
+          timeout, total_timeout, retries, max_bytes, user_agent, no_dedup, allow_private_addresses,
+          allow_local_files, allow_s3_sources, s3_source_buckets):
     """Shard raw images into WebDataset tars + parquet index + manifest.
 
     One Ray task per output shard (local Ray by default, a cluster via
@@ -71,7 +79,9 @@ def shard(input_uri, output, url_col, caption_col, label_col, labels_from_dirs, 
                               jpeg_quality=quality, output_format=output_format, upscale=upscale)
     fetch_opts = FetchOptions(connect_timeout=max(1.0, timeout / 2), read_timeout=timeout,
                               total_timeout=total_timeout, retries=retries, max_bytes=max_bytes,
-                              user_agent=user_agent or USER_AGENT)
+                              user_agent=user_agent or USER_AGENT, allow_private_addresses=allow_private_addresses,
+                              allow_local_files=allow_local_files, allow_s3_sources=allow_s3_sources,
+                              s3_source_buckets=tuple(s3_source_buckets))
     result = ingest(input_uri, output, url_col=url_col, caption_col=caption_col, label_col=label_col,
                     labels_from_dirs=labels_from_dirs, shard_size=shard_size, workers=workers, threads=threads,
                     image_opts=image_opts, fetch_opts=fetch_opts, dedup=not no_dedup)

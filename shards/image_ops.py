@@ -6,8 +6,10 @@ bombs are rejected from their declared size), and JPEGs are decoded with
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import threading
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -37,12 +39,42 @@ class ImageOptions:
     output_format: str = "jpg"  # jpg | png | webp
     upscale: bool = False
     reencode: bool = True  # False: keep original bytes when no resize is needed
+    # Decoded pixels one task may hold at once over all its threads (two images at the
+    # per-image limit): eight 9000x9000 PNGs in flight must not take a worker to 3 GB.
+    max_task_pixels: int = 2 * 89_478_485
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.output_format not in ("jpg", "png", "webp"):
             raise ValueError(f"output format must be jpg, png or webp, got {self.output_format!r}")
+
+
+class PixelBudget:
+    """A weighted semaphore over decoded pixels, shared by the threads of one task.
+
+    An image larger than the whole budget still runs, alone, so nothing that
+    passes the per-image limit can wait forever.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        want = min(max(1, int(pixels)), self.limit)
+        with self._cond:
+            while self.used + want > self.limit:
+                self._cond.wait()
+            self.used += want
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= want
+                self._cond.notify_all()
 
 
 class ImageRejected(Exception):
@@ -78,8 +110,32 @@ def _target_size(w: int, h: int, opts: ImageOptions) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
-    """Check and transform encoded image bytes; raise ``ImageRejected`` on bad input."""
+def process_image(data: bytes, opts: ImageOptions, budget: PixelBudget | None = None) -> ProcessedImage:
+    """Check and transform encoded image bytes; raise ``ImageRejected`` on bad input.
+
+    With a ``budget`` the decoded pixels count against it from decode to encode.
+    """
+    img, orientation = _open_checked(data, opts)
+    w0, h0 = img.size
+    rotated = orientation in (5, 6, 7, 8)
+    ow, oh = (h0, w0) if rotated else (w0, h0)
+    tw, th = _target_size(ow, oh, opts)
+    if img.format == "JPEG" and (tw, th) != (ow, oh):
+        # DCT-domain downscale to at least the target size (size is pre-rotation).
+        dw, dh = (th, tw) if rotated else (tw, th)
+        img.draft("RGB", (dw, dh))
+    with budget.hold(img.width * img.height) if budget is not None else contextlib.nullcontext():
+        img = _decode(img)
+        img = _transform(img, (tw, th), opts)
+        pixels_hash = hashlib.sha256(img.tobytes()).hexdigest()
+        if img.size == (w0, h0) and orientation == 1 and not opts.reencode:
+            return ProcessedImage(data, _ext_of_format(Image.open(io.BytesIO(data)).format), img.width, img.height,
+                                  ow, oh, pixels_hash)
+        return ProcessedImage(_encode(img, opts), opts.output_format, img.width, img.height, ow, oh, pixels_hash)
+
+
+def _open_checked(data: bytes, opts: ImageOptions) -> tuple[Image.Image, int]:
+    """The lazily opened image and its EXIF orientation, after the header-only checks."""
     if not data:
         raise ImageRejected("empty", "zero bytes")
     try:
@@ -95,18 +151,15 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         raise ImageRejected("too_small", f"{w0}x{h0} < min side {opts.min_side}")
     if max(w0, h0) / max(1, min(w0, h0)) > opts.max_aspect_ratio:
         raise ImageRejected("bad_aspect_ratio", f"{w0}x{h0} exceeds aspect ratio {opts.max_aspect_ratio}")
-    exif_orientation = 1
     try:
-        exif_orientation = int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:
-        pass
-    rotated = exif_orientation in (5, 6, 7, 8)
-    ow, oh = (h0, w0) if rotated else (w0, h0)
-    tw, th = _target_size(ow, oh, opts)
-    if img.format == "JPEG" and (tw, th) != (ow, oh):
-        # DCT-domain downscale to at least the target size (size is pre-rotation).
-        dw, dh = (th, tw) if rotated else (tw, th)
-        img.draft("RGB", (dw, dh))
+        orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: treat as upright
+        orientation = 1
+    return img, orientation
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    """Decoded (first frame), upright, 8-bit RGB pixels."""
     try:
         img.seek(0)  # animated images: first frame
         img.load()
@@ -118,9 +171,13 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         raise ImageRejected("decode_error", f"{type(e).__name__}: {e}")
     try:
         img = ImageOps.exif_transpose(img)
-    except Exception:
+    except Exception:  # noqa: BLE001 - keep the stored orientation
         pass
-    img = _to_rgb(img)
+    return _to_rgb(img)
+
+
+def _transform(img: Image.Image, size: tuple[int, int], opts: ImageOptions) -> Image.Image:
+    tw, th = size
     if img.size != (tw, th):
         # Antialiased bilinear for downscaling (like torchvision's resize; ~30 %
         # faster than bicubic here), bicubic when enlarging.
@@ -137,10 +194,10 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         canvas = Image.new("RGB", (side, side), (0, 0, 0))
         canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
         img = canvas
-    pixels_hash = hashlib.sha256(img.tobytes()).hexdigest()
-    unchanged = (img.size == (w0, h0) and exif_orientation == 1 and not opts.reencode)
-    if unchanged:
-        return ProcessedImage(data, _ext_of_format(Image.open(io.BytesIO(data)).format), img.width, img.height, ow, oh, pixels_hash)
+    return img
+
+
+def _encode(img: Image.Image, opts: ImageOptions) -> bytes:
     out = io.BytesIO()
     if opts.output_format == "jpg":
         img.save(out, format="JPEG", quality=opts.jpeg_quality)
@@ -148,7 +205,7 @@ def process_image(data: bytes, opts: ImageOptions) -> ProcessedImage:
         img.save(out, format="PNG")
     else:
         img.save(out, format="WEBP", quality=opts.jpeg_quality)
-    return ProcessedImage(out.getvalue(), opts.output_format, img.width, img.height, ow, oh, pixels_hash)
+    return out.getvalue()
 
 
 def _ext_of_format(fmt: str | None) -> str:
@@ -159,13 +216,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Any mode (CMYK, 16-bit, palette, alpha) -> 8-bit RGB; alpha over white."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16") or img.mode == "I":
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.uint32)
-        peak = max(int(arr.max()), 1)
-        scale = 65535 if peak > 255 else 255
-        arr8 = (arr.astype(np.float64) * (255.0 / scale)).clip(0, 255).astype("uint8")
+        # The scale comes from the mode (16-bit samples, as PNG stores them in
+        # both I;16 and I), never from the observed peak: a dark image stays dark.
+        arr = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        arr8 = ((arr * 255 + 32767) // 65535).astype("uint8")
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")

@@ -9,17 +9,18 @@ same bytes.
 from __future__ import annotations
 
 import dataclasses
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
 
 from . import layout, manifest as manifest_mod, storage
 from .errors import DatasetError
-from .download import FetchFailed, FetchOptions, fetch
-from .image_ops import ImageOptions, ImageRejected, process_image
-from .inputs import extra_columns, is_url_list, read_folder, read_url_list
+from .download import Downloader, FetchFailed, FetchOptions
+from .image_ops import ImageOptions, ImageRejected, PixelBudget, process_image
+from .inputs import INPUT_ERROR, extra_columns, is_url_list, read_folder, read_url_list
+from .politeness import Again, HostScheduler
+from .sources import (Attempts, RetryLater, check_url_source, host_of, read_folder_file, read_http, read_local,
+                      read_s3)
 from .schema import STATUS_DUPLICATE, STATUS_FAILED, STATUS_OPTED_OUT, rows_to_table
 from .writer import ShardWriter, shard_stats, write_parquet
 
@@ -34,37 +35,47 @@ class IngestResult:
     shards_written: int = 0  # by this call; 0 when every shard was complete already
 
 
-def _load_source(source: str, base: str | None, fetch_opts: FetchOptions) -> bytes:
-    if base is not None:  # folder input: path relative to the folder
-        try:
-            return storage.read_bytes(storage.join(base, source))
-        except FileNotFoundError:
-            raise FetchFailed("not_found", source)
-        except OSError as e:
-            raise FetchFailed("read_error", str(e)[:200])
-    if source.startswith(("http://", "https://")):
-        return fetch(source, fetch_opts)
-    if source.startswith("s3://") or source.startswith("file://") or os.path.isabs(source):
-        path = source[len("file://"):] if source.startswith("file://") else source
-        try:
-            return storage.read_bytes(path)
-        except FileNotFoundError:
-            raise FetchFailed("not_found", source)
-        except OSError as e:
-            raise FetchFailed("read_error", str(e)[:200])
-    raise FetchFailed("invalid_url", f"unsupported source {source[:100]!r}" if source else "empty url")
+def _read_source(row: dict[str, Any], base: str | None, opts: FetchOptions, downloader: Downloader,
+                 attempts: dict[int, Attempts], i: int) -> bytes:
+    source = row["source"]
+    if base is not None:  # folder input: a path relative to the folder the user named
+        return read_folder_file(base, source, opts.max_bytes)
+    kind, target = check_url_source(source, opts)
+    if kind == "http":
+        return read_http(target, downloader, attempts.setdefault(i, Attempts.for_options(opts)))
+    return read_s3(target, opts.max_bytes) if kind == "s3" else read_local(target, opts.max_bytes)
 
 
-def _process_one(row: dict[str, Any], base: str | None, image_opts: ImageOptions, fetch_opts: FetchOptions):
-    try:
-        data = _load_source(row["source"], base, fetch_opts)
-        return process_image(data, image_opts), None
-    except FetchFailed as e:
-        return None, e
-    except ImageRejected as e:
-        return None, e
-    except Exception as e:  # never lose the shard to one odd sample
-        return None, FetchFailed("error", f"{type(e).__name__}: {e}"[:300])
+def fetch_and_process(rows: list[dict[str, Any]], base: str | None, image_opts: ImageOptions,
+                      fetch_opts: FetchOptions, threads: int) -> tuple[list[tuple[Any, Exception | None]], dict]:
+    """``(processed image or None, failure or None)`` per row, in row order, and the per-host stats.
+
+    Downloads go through the per-host scheduler (concurrency, rate, Retry-After);
+    decoding shares one pixel budget, so a task holds a bounded amount of
+    decoded pixels however many threads it runs.
+    """
+    budget = PixelBudget(image_opts.max_task_pixels)
+    attempts: dict[int, Attempts] = {}
+    scheduler = HostScheduler(fetch_opts.host_concurrency, fetch_opts.host_rate)
+
+    def work(i: int):
+        row = rows[i]
+        if row.get(INPUT_ERROR):
+            return None, FetchFailed(*row[INPUT_ERROR].split(": ", 1))
+        try:
+            data = _read_source(row, base, fetch_opts, downloader, attempts, i)
+            return process_image(data, image_opts, budget), None
+        except RetryLater as r:
+            raise Again(r.delay, r.host_wide) from None
+        except (FetchFailed, ImageRejected) as e:
+            return None, e
+        except Exception as e:  # noqa: BLE001 - never lose the shard to one odd sample
+            return None, FetchFailed("error", f"{type(e).__name__}: {e}"[:300])
+
+    hosts = [host_of(r["source"]) if base is None else "" for r in rows]
+    with Downloader(fetch_opts, pool_maxsize=threads) as downloader:
+        results = scheduler.run(hosts, work, threads)
+    return results, scheduler.stats()
 
 
 def ingest_shard(
@@ -83,11 +94,12 @@ def ingest_shard(
     rows = table.slice(shard * shard_size, shard_size).to_pylist()
     writer = ShardWriter(root, shard, extra_schema=extra_columns(table))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            results = list(pool.map(lambda r: _process_one(r, base, image_opts, fetch_opts), rows))
+        results, host_stats = fetch_and_process(rows, base, image_opts, fetch_opts, threads)
+        _refuse_all_code_errors(shard, results)
         first_by_hash: dict[str, str] = {}
         for row, (img, err) in zip(rows, results):
             key = row.pop("key")
+            row.pop(INPUT_ERROR, None)
             meta = {k: v for k, v in row.items()}
             if err is not None:
                 status = STATUS_OPTED_OUT if getattr(err, "reason", "") == "opted_out" else STATUS_FAILED
@@ -102,9 +114,19 @@ def ingest_shard(
             meta.update(width=img.width, height=img.height, original_width=img.original_width,
                         original_height=img.original_height, sha256=img.sha256)
             writer.add(key, img.data, img.ext, meta, caption=row.get("caption"))
-        return writer.commit()
+        stats = writer.commit()
+        stats["hosts"] = host_stats
+        return stats
     finally:
         writer.cleanup()
+
+
+def _refuse_all_code_errors(shard: int, results: list[tuple[Any, Exception | None]]) -> None:
+    """A shard whose every row hit a bug (not a bad input) must fail, not be recorded complete:
+    a re-run after the fix then retries it instead of keeping a shard of failures."""
+    errors = [e for _, e in results if e is not None and getattr(e, "reason", "") == "error"]
+    if results and len(errors) == len(results):
+        raise RuntimeError(f"every sample of shard {shard:05d} failed with an internal error, e.g. {errors[0]}")
 
 
 def _check_existing(root: str, stage: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -151,7 +173,11 @@ def ingest_table(
     if existing is None:
         m = manifest_mod.new("shard", params, parent=None, num_shards=num_shards)
         storage.makedirs(output)
-        manifest_mod.save(output, m)
+    else:
+        m = existing
+    m["fetch"] = manifest_mod.normalize(
+        {k: v for k, v in dataclasses.asdict(fetch_opts).items() if k != "user_agent"}) if base is None else None
+    manifest_mod.save(output, m)
     ds = Dataset(output)
     done = set(ds.completed_shards())
 
@@ -260,9 +286,10 @@ def ingest_urls(
 ) -> IngestResult:
     """Download and shard a URL list (parquet/CSV/TSV/JSONL/txt, optionally gzipped)."""
     table = read_url_list(url_list, url_col=url_col, caption_col=caption_col, label_col=label_col)
+    # Fetch options decide how hard we try, not what a sample becomes: they are recorded
+    # (manifest "fetch") but a re-run with other timeouts resumes instead of being refused.
     params = {"input": url_list, "kind": "urls", "url_col": url_col, "caption_col": caption_col,
-              "label_col": label_col, "dedup": dedup,
-              "fetch": {k: v for k, v in dataclasses.asdict(fetch_opts).items() if k != "user_agent"}}
+              "label_col": label_col, "dedup": dedup}
     return ingest_table(table, output, stage_params=params, base=None, shard_size=shard_size, workers=workers,
                         threads=threads, image_opts=image_opts, fetch_opts=fetch_opts, dedup=dedup, summary=summary)
 

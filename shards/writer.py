@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -37,6 +38,55 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     storage.write_bytes(uri, table_to_parquet_bytes(table))
 
 
+TEMP_PREFIX = "webcurate-shard"
+
+
+class DuplicateKey(ValueError):
+    """A sample key was added twice to one shard."""
+
+
+def clean_stale_tempdirs(tmp: str | None = None) -> int:
+    """Remove ``webcurate-shard*`` temp folders left by killed tasks on this machine.
+
+    A folder's name carries the PID that made it; one whose process is gone
+    is stale (a live task's folder is never touched). Returns how many went.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        parts = name[len(TEMP_PREFIX):].split("-")
+        path = os.path.join(tmp, name)
+        if len(parts) >= 3 and parts[1].isdigit():
+            if _alive(int(parts[1])):
+                continue
+        elif not _older_than(path, 3600):  # a name from before PIDs were recorded: go by age
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 class ShardWriter:
     """Collects the samples of one shard and commits them in one step.
 
@@ -50,13 +100,22 @@ class ShardWriter:
         self.shard = shard
         self.extra_schema = extra_schema
         self.rows: list[dict[str, Any]] = []
-        self._tmpdir = tempfile.mkdtemp(prefix=f"webcurate-shard{shard:05d}-")
+        self._keys: set[str] = set()
+        clean_stale_tempdirs()
+        self._tmpdir = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{shard:05d}-{os.getpid()}-")
         self._tar_path = os.path.join(self._tmpdir, "shard.tar")
         self._tar = tarfile.open(self._tar_path, mode="w", format=tarfile.USTAR_FORMAT)
         self._started = time.time()
 
     def add(self, key: str, image: bytes, ext: str, row: dict[str, Any], caption: str | None = None) -> None:
-        """Append an ok sample: ``<key>.<ext>`` image, ``<key>.json`` metadata, optional ``<key>.txt``."""
+        """Append an ok sample: ``<key>.<ext>`` image, ``<key>.json`` metadata, optional ``<key>.txt``.
+
+        A key already added is refused (``DuplicateKey``): two ``K.jpg`` members
+        would make webdataset refuse the whole shard.
+        """
+        if key in self._keys:
+            raise DuplicateKey(f"key {key} is already in shard {self.shard:05d}")
+        self._keys.add(key)
         full = empty_row(key, self.shard, row.get("source") or "")
         full.update(row)
         full.update(status=STATUS_OK, error=None, ext=ext, bytes=len(image))
@@ -94,10 +153,7 @@ class ShardWriter:
             self._tar.close()
         except Exception:
             pass
-        for name in os.listdir(self._tmpdir) if os.path.isdir(self._tmpdir) else []:
-            os.unlink(os.path.join(self._tmpdir, name))
-        if os.path.isdir(self._tmpdir):
-            os.rmdir(self._tmpdir)
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
 def shard_stats(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -93,7 +93,7 @@ def test_shard_curate_train_label_on_two_nodes_and_s3(tmp_path, s3_bucket, s3_se
         url_list, urls = _url_list_on_s3(s3_bucket, server.url, names)
         pipeline = {
             "shard": {"input": url_list, "output": f"{s3_bucket}/raw", "shard_size": 16, "image_size": 64,
-                      "threads": 4, "retries": 0},
+                      "threads": 4, "retries": 0, "allow_private_addresses": True},
             "curate": {"output": f"{s3_bucket}/curated",
                        "embed": {"model": "vit_tiny_patch16_224", "random_init": True, "image_size": 32,
                                  "batch_size": 16},

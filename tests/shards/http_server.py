@@ -32,8 +32,18 @@ Routes (all GET; ``<seed>`` is an int, sizes are ``<w>x<h>``):
 ``/robots/<tag>/<seed>.jpg``        photo with ``X-Robots-Tag: <tag>`` (``%20``/``,`` ok)
 ``/slow/<ms>/<path>``               waits ``ms`` then serves ``/<path>``
 ``/bulk/<file>``                    a file of ``bulk_dir`` (benchmarks)
+``/goto/<quoted URL>``              302 to any URL (``file://``, 169.254.169.254 …)
+``/header-drip/<name>.jpg``         status line and headers one byte every
+                                    ``drip_interval`` s (no read ever times out)
+``/limit/<R>/<name>.jpg``           429 + ``Retry-After: 1`` when more than R
+                                    ``/limit`` requests arrived in the last second
+``/throttle/<s>/<name>.jpg``        always 429 with ``Retry-After: <s>``
+``/robots-hop/<tag>/<path>``        302 to ``/<path>`` carrying ``X-Robots-Tag``
 anything added by ``add_file``      e.g. URL lists
 ==================================  ==========================================
+
+``limit_arrivals`` holds the arrival time of every ``/limit`` request (and
+``limit_refused`` how many got a 429), so tests can check the rate a client kept.
 
 Run standalone (benchmarks, manual checks)::
 
@@ -84,6 +94,7 @@ BAD_CASES: dict[str, str] = {
     "noai": "/robots/noai/25.jpg",
     "noimageai": "/robots/noimageai/26.jpg",
     "other_bot_noai": "/robots/otherbot:%20noai/27.jpg",
+    "header_drip": "/header-drip/slow.jpg",
 }
 
 _CTYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
@@ -101,7 +112,7 @@ class ImageServer:
 
     def __init__(self, *, bulk_dir: str | None = None, drip_interval: float = 0.25, drip_chunk: int = 16,
                  hang_seconds: float = 300.0, big_default: int = 64 * 1024 * 1024, port: int = 0,
-                 quiet: bool = True):
+                 quiet: bool = True, host: str = "127.0.0.1"):
         self.bulk_dir = os.path.abspath(bulk_dir) if bulk_dir else None
         self.drip_interval = drip_interval
         self.drip_chunk = drip_chunk
@@ -111,6 +122,9 @@ class ImageServer:
         self.files: dict[str, tuple[bytes, str, dict[str, str]]] = {}
         self.hits: collections.Counter[str] = collections.Counter()
         self.user_agents: collections.Counter[str] = collections.Counter()
+        self.host = host
+        self.limit_arrivals: list[float] = []
+        self.limit_refused = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._port = port
@@ -124,7 +138,7 @@ class ImageServer:
                      gen.truncated_jpeg, _drip_body):
             make()
         handler = _make_handler(self)
-        httpd = ThreadingHTTPServer(("127.0.0.1", self._port), handler)
+        httpd = ThreadingHTTPServer((self.host, self._port), handler)
         httpd.daemon_threads = True  # a hung handler must not keep the process alive
         httpd.block_on_close = False
         httpd.request_queue_size = 256  # benchmarks open many connections at once
@@ -158,7 +172,7 @@ class ImageServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def url(self, path: str) -> str:
         """Absolute URL of ``path`` (a route above or a name from ``BAD_CASES``)."""
@@ -197,11 +211,13 @@ class _Reply:
     """What a route answers: status, headers, body, and optional body pacing."""
 
     def __init__(self, status: int = 200, body: bytes = b"", ctype: str = "image/jpeg",
-                 headers: dict[str, str] | None = None, drip: bool = False, length: bool = True):
+                 headers: dict[str, str] | None = None, drip: bool = False, length: bool = True,
+                 header_drip: bool = False):
         self.status, self.body, self.ctype = status, body, ctype
         self.headers = headers or {}
         self.drip = drip
         self.length = length
+        self.header_drip = header_drip
 
 
 def _routes(server: ImageServer) -> list[tuple[re.Pattern, Callable[..., _Reply | None]]]:
@@ -257,6 +273,23 @@ def _routes(server: ImageServer) -> list[tuple[re.Pattern, Callable[..., _Reply 
             return _Reply(status=404, body=b"no such bulk file\n", ctype="text/plain")
         return _Reply(body=body, ctype=_CTYPES.get(name.rsplit(".", 1)[-1].lower(), "application/octet-stream"))
 
+    def limit(r, name):
+        with server._lock:
+            now = time.monotonic()
+            server.limit_arrivals.append(now)
+            recent = sum(1 for t in server.limit_arrivals if t > now - 1.0)
+            if recent > int(r):
+                server.limit_refused += 1
+                return _Reply(status=429, body=b"slow down\n", ctype="text/plain", headers={"Retry-After": "1"})
+        return _Reply(body=gen.photo_jpeg(zlib.crc32(name.encode()) % 1000 + 2000, 64, 48))
+
+    def throttle(secs, name):
+        return _Reply(status=429, body=b"slow down\n", ctype="text/plain", headers={"Retry-After": secs})
+
+    def robots_hop(tag, rest):
+        return _Reply(status=302, body=b"", ctype="text/plain",
+                      headers={"Location": server.url("/" + rest), "X-Robots-Tag": urllib.parse.unquote(tag)})
+
     fixed = {
         "/html.jpg": lambda: _Reply(body=gen.html_page()),
         "/truncated.jpg": lambda: _Reply(body=gen.truncated_jpeg()),
@@ -282,6 +315,12 @@ def _routes(server: ImageServer) -> list[tuple[re.Pattern, Callable[..., _Reply 
         (r"/robots/([^/]+)/(\d+)\.jpg", robots),
         (r"/slow/(\d+)/(.+)", slow),
         (r"/bulk/([^/]+)", bulk),
+        (r"/goto/(.+)", lambda u: _Reply(status=302, ctype="text/plain",
+                                         headers={"Location": urllib.parse.unquote(u)})),
+        (r"/header-drip/([^/]+)\.jpg", lambda name: _Reply(body=gen.photo_jpeg(14, 64, 48), header_drip=True)),
+        (r"/limit/(\d+)/([^/]+)\.jpg", limit),
+        (r"/throttle/(\d+)/([^/]+)\.jpg", throttle),
+        (r"/robots-hop/([^/]+)/(.+)", robots_hop),
     ]
     out = [(re.compile(re.escape(p) + "$"), (lambda f: (lambda: f()))(f)) for p, f in fixed.items()]
     out += [(re.compile(p + "$"), f) for p, f in table]
@@ -327,6 +366,9 @@ def _make_handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
             if reply is None:  # hang routes: drop the connection without a reply
                 self.close_connection = True
                 return
+            if reply.header_drip:
+                self._drip_headers(reply)
+                return
             try:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.ctype)
@@ -352,6 +394,20 @@ def _make_handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(reply.body)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client gave up (timeouts, size caps)
+
+        def _drip_headers(self, reply: _Reply) -> None:
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: {reply.ctype}\r\nX-Padding: {'x' * 64}\r\n"
+                    f"Content-Length: {len(reply.body)}\r\n\r\n").encode()
+            self.close_connection = True
+            try:
+                for i in range(len(head)):
+                    self.wfile.write(head[i:i + 1])
+                    self.wfile.flush()
+                    if server._wait(server.drip_interval):
+                        return
+                self.wfile.write(reply.body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
     return Handler
 

@@ -129,3 +129,22 @@ def test_stop_releases_hanging_connections(http_server_mod):
     assert time.time() - t0 < 5
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_hostile_routes_redirect_anywhere_throttle_and_drip_headers(image_server):
+    r = requests.get(image_server.url("/goto/file%3A%2F%2F%2Fetc%2Fpasswd"), allow_redirects=False, timeout=5)
+    assert r.status_code == 302 and r.headers["Location"] == "file:///etc/passwd"
+    hop = requests.get(image_server.url("/robots-hop/noai/good/1.jpg"), allow_redirects=False, timeout=5)
+    assert hop.status_code == 302 and hop.headers["X-Robots-Tag"] == "noai"
+    t = get(image_server, "/throttle/7/x.jpg")
+    assert t.status_code == 429 and t.headers["Retry-After"] == "7"
+    codes = [get(image_server, f"/limit/3/{i}.jpg").status_code for i in range(5)]
+    assert codes[:3] == [200] * 3 and codes[3:] == [429, 429]  # 5 within a second, limit 3
+    assert image_server.limit_refused == 2 and len(image_server.limit_arrivals) == 5
+    sock = socket.create_connection(("127.0.0.1", image_server.port), timeout=5)
+    sock.sendall(f"GET /header-drip/x.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    got, t0 = b"", time.time()
+    while time.time() - t0 < 0.5:
+        got += sock.recv(100)
+    sock.close()
+    assert got and b"\r\n\r\n" not in got and len(got) <= 5  # a byte per 0.2 s, headers unfinished

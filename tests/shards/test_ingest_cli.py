@@ -22,6 +22,7 @@ from PIL import Image
 from webcurate.shards import manifest as manifest_mod, storage
 from webcurate.shards.adopt import adopt
 from webcurate.shards.dataset import Dataset
+from webcurate.shards.download import FetchOptions
 from webcurate.shards.ingest import ingest_urls
 from webcurate.shards.keys import make_key, unique_keys
 
@@ -106,7 +107,8 @@ def test_url_list_and_output_on_s3(image_server, imagegen, ray_local, s3_bucket,
     list_uri = f"{s3_bucket}/lists/urls.jsonl.gz"
     storage.write_bytes(list_uri, gzip.compress("".join(json.dumps(x) + "\n" for x in lines).encode(), mtime=0))
     out = f"{s3_bucket}/datasets/web"
-    r = run_cli("shard", "--input", list_uri, "--output", out, "--shard-size", "4", "--workers", "2")
+    r = run_cli("shard", "--input", list_uri, "--output", out, "--shard-size", "4", "--workers", "2",
+                "--allow-private-addresses")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "6 ok" in r.stdout and "1 opted out" in r.stdout
     ds = Dataset(out)
@@ -120,7 +122,8 @@ def test_url_list_and_output_on_s3(image_server, imagegen, ray_local, s3_bucket,
     objects = {e.name: storage.read_bytes(e.uri) for sub in ("shards", "index")
                for e in storage.list_dir(storage.join(out, sub))}
     hits = sum(image_server.hits.values())
-    ingest_urls(list_uri, out, shard_size=4, workers=2, summary=False)
+    ingest_urls(list_uri, out, shard_size=4, workers=2, summary=False,
+                fetch_opts=FetchOptions(allow_private_addresses=True))
     assert sum(image_server.hits.values()) == hits
     assert {e.name: storage.read_bytes(e.uri) for sub in ("shards", "index")
             for e in storage.list_dir(storage.join(out, sub))} == objects
@@ -154,7 +157,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(http_server_mod, ray
     with http_server_mod.ImageServer() as server:
         urls = _slow_list(server, tmp_path / "urls.parquet")
         args = ["shard", "--input", str(tmp_path / "urls.parquet"), "--shard-size", str(SHARD_SIZE),
-                "--workers", "2", "--timeout", "5", "--retries", "0"]
+                "--workers", "2", "--timeout", "5", "--retries", "0", "--allow-private-addresses"]
         killed = str(tmp_path / "killed")
 
         # 1. Start, wait until shard 0 is recorded in the manifest, SIGKILL the driver.
@@ -192,7 +195,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(http_server_mod, ray
         # 3. An uninterrupted run of the same inputs (in-process: same code path as the
         #    CLI minus a Ray start-up; fetch options do not enter the written bytes).
         ref = str(tmp_path / "ref")
-        ingest_urls(str(tmp_path / "urls.parquet"), ref, shard_size=SHARD_SIZE, workers=2, summary=False)
+        ingest_urls(str(tmp_path / "urls.parquet"), ref, shard_size=SHARD_SIZE, workers=2, summary=False,
+                    fetch_opts=FetchOptions(allow_private_addresses=True))
 
     got, want = files_of(killed), files_of(ref)
     assert sorted(got) == sorted(want) and len(want) == 2 * NUM_SHARDS

@@ -25,8 +25,9 @@ from webcurate.shards.ingest import ingest_urls
 from webcurate.shards.keys import make_key
 
 # Short timeouts so the bad cases cost seconds, not minutes.
+# The test servers listen on 127.0.0.1: loopback is refused unless opted in.
 FAST = FetchOptions(connect_timeout=2.0, read_timeout=2.0, total_timeout=6.0, retries=1, backoff=0.05,
-                    max_bytes=1_000_000)
+                    max_bytes=1_000_000, allow_private_addresses=True)
 
 # name (in BAD_CASES, or an extra path below) -> (status, reason)
 EXPECTED = {
@@ -36,6 +37,7 @@ EXPECTED = {
     "http_503_always": ("failed", "http_503"),
     "flaky_503_once": ("ok", None),
     "hang": ("failed", "timeout"),
+    "header_drip": ("failed", "timeout"),  # headers a byte at a time: the total deadline ends it
     "redirect_loop": ("failed", "too_many_redirects"),
     "redirect_good": ("ok", None),
     "html_as_jpeg": ("failed", "not_an_image"),
@@ -207,7 +209,8 @@ def test_slow_drip_is_cut_at_the_total_timeout(http_server_mod, ray_local, tmp_p
     with http_server_mod.ImageServer(drip_interval=0.2, drip_chunk=64) as srv:
         drip_url, good_url = srv.url("drip"), srv.url("/good/1.jpg")
         (tmp_path / "list.txt").write_text(drip_url + "\n" + good_url + "\n")
-        opts = FetchOptions(connect_timeout=1.0, read_timeout=1.0, total_timeout=2.0, retries=0)
+        opts = FetchOptions(connect_timeout=1.0, read_timeout=1.0, total_timeout=2.0, retries=0,
+                            allow_private_addresses=True)
         t0 = time.time()
         ingest_urls(str(tmp_path / "list.txt"), str(tmp_path / "ds"), fetch_opts=opts, summary=False)
         took = time.time() - t0
