@@ -218,3 +218,25 @@ def filtered_keys(ds) -> set[str]:
     global_stage.require_complete(ds, STAGE, "filter")
     t = ds.read_sidecar(STAGE, columns=["key", "keep"])
     return {k for k, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}
+
+
+def removed_in_shard(root: str, shard: int) -> set[str]:
+    """Keys of one shard the dataset's ``filter`` removed (empty when no filter ran), for per-part readers.
+
+    Same rules as ``filtered_keys``: a refused or partial filter is an error.
+    """
+    from webcurate.shards import global_stage
+    from webcurate.shards.dataset import Dataset
+
+    ds = Dataset(root)
+    entry = global_stage.stage_entry(ds, STAGE)
+    if not entry:
+        return set()
+    if entry.get("refused"):
+        raise FilterError(f"the `filter` of {root} was refused ({entry['refused']}); re-run "
+                          "`webcurate filter` with other thresholds or --allow-mass-removal")
+    if shard not in set(ds.sidecar_completed(STAGE)):
+        raise DatasetError(f"`filter` of {root} has no part for shard {shard:05d}; re-run "
+                           f"`webcurate filter --input {root}` to finish it")
+    t = ds.read_sidecar_part(STAGE, shard, columns=["key", "keep"])
+    return {k for k, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}

@@ -52,6 +52,8 @@ class Embeddings:
     vectors: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
     failed: int = 0
+    filtered: int = 0  # samples the dataset's `webcurate filter` removed (left out here)
+    filter_run: str | None = None
 
     @property
     def n(self) -> int:
@@ -67,8 +69,11 @@ class Embeddings:
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this embedding set in downstream stage parameters."""
-        return {"model": self.model, "weights_sha256": self.info.get("weights_sha256"),
-                "dim": self.dim, "n": self.n, "shards": int(len(np.unique(self.shards)))}
+        fp = {"model": self.model, "weights_sha256": self.info.get("weights_sha256"),
+              "dim": self.dim, "n": self.n, "shards": int(len(np.unique(self.shards)))}
+        if self.filter_run:  # a change of filter decisions recomputes what depends on these vectors
+            fp["filter"] = self.filter_run
+        return fp
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -141,9 +146,19 @@ def read_embeddings(root: str, *, what: str = "dataset") -> Embeddings:
             "re-embed the dataset (delete its embeddings/ folder first)"
         )
     normalize(x)
-    return Embeddings(root=root, keys=keys,
-                      shards=np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32),
-                      vectors=x, info=info, failed=failed)
+    shard_col = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int32)
+    # Samples `webcurate filter` removed are left out of every stage that reads vectors.
+    from webcurate.shards.global_stage import stage_run
+
+    from .filter import filtered_keys
+
+    dropped = filtered_keys(ds)
+    kept = np.fromiter((k not in dropped for k in keys), dtype=bool, count=len(keys)) if dropped else None
+    if kept is not None:
+        x, shard_col, keys = x[kept], shard_col[kept], [k for k, kp in zip(keys, kept) if kp]
+    return Embeddings(root=root, keys=keys, shards=shard_col, vectors=x, info=info, failed=failed,
+                      filtered=0 if kept is None else int((~kept).sum()),
+                      filter_run=stage_run(root, "filter") if dropped else None)
 
 
 def load_embeddings(root: str) -> tuple[list[str], np.ndarray]:

@@ -115,3 +115,27 @@ def test_the_report_shows_histograms_and_the_worst_removed_samples_escaped(pool)
     assert "caption_duplicate: 4 removed" in section and "&lt;b&gt;Click&lt;/b&gt;" in section
     assert "<b>Click</b>" not in page
     assert "undecodable (1)" in section and "j_broken" in section
+
+
+def test_later_stages_leave_filtered_samples_out_and_a_new_filter_recomputes_them(pool):
+    from webcurate.curation.cluster import run_cluster
+    from webcurate.curation.embed import run_embed
+    from webcurate.curation.filter import removed_in_shard
+    from webcurate.curation.vectors import read_embeddings
+
+    root, expect = pool
+    run_embed(root, "test_resnet", random_init=True, image_size=32, batch_size=16, summary=False)
+    assert read_embeddings(root).filtered == 0
+    run_filter(root, FilterParams(allow_mass_removal=True), summary=False)
+    removed = filtered_keys(Dataset(root))
+    emb = read_embeddings(root)
+    assert emb.filtered == len(removed) - 1 and not removed & set(emb.keys)  # the undecodable one has no vector
+    assert "filter" in emb.fingerprint()
+    assert set().union(*(removed_in_shard(root, s) for s in range(4))) == removed
+    run_cluster(root, levels="2", resampling_steps="0", summary=False)
+    clustered = set(Dataset(root).read_sidecar("clusters")["key"].to_pylist())
+    assert clustered and not clustered & removed
+    # Other thresholds: other decisions, and the vectors' fingerprint changes with them.
+    run_filter(root, FilterParams(skip=["noise"], allow_mass_removal=True), summary=False)
+    assert read_embeddings(root).fingerprint()["filter"] != emb.fingerprint()["filter"]
+    assert "j_noise" in read_embeddings(root).keys
