@@ -9,7 +9,7 @@ import click
 
 from webcurate.shards.params import click_options, from_cli
 
-from .params import EXPORT_ONLY, LabelParams
+from .params import EXPORT_ONLY, LabelParams, SelfTrainParams
 
 
 @click.command("label")
@@ -34,4 +34,19 @@ def lf_analysis(**kw) -> None:
     label_dataset(from_cli(LabelParams, kw))
 
 
-COMMANDS = [label, lf_analysis]
+@click.command("selftrain")
+@click_options(SelfTrainParams, required=("output",))
+def selftrain(**kw) -> None:
+    """Self-training on frozen embeddings: fit a class-balanced classifier on
+    the labelled seeds, add the pool's confident predictions as pseudo-labels,
+    refit, for a few rounds (resumable per round); calibrate on --dev, leave
+    samples that belong to no class unlabelled (novelty score, --abstain-below),
+    and export a pseudo-labelled dataset in `webcurate label`'s format
+    (label_sources = selftrain:round_<r>). CPU only; needs `webcurate embed`
+    on the input, the seeds and the dev set with one model."""
+    from .selftrain_stage import run_selftrain
+
+    run_selftrain(from_cli(SelfTrainParams, kw))
+
+
+COMMANDS = [label, lf_analysis, selftrain]

@@ -76,3 +76,73 @@ class LabelParams(Params):
 
 # Options of `webcurate label` that `lf-analysis` (which exports nothing) does not take.
 EXPORT_ONLY = ("output", "model", "min_confidence", "per_class_cap", "class_balance")
+
+
+class SelfTrainParams(Params):
+    """``webcurate selftrain`` and the ``selftrain:`` step of ``webcurate run``."""
+
+    input: str = Field(description="Dataset to pseudo-label (with an `embeddings` sidecar: `webcurate embed`).")
+    seed: str = Field(description="Labelled seed dataset (`label` = class name) embedded by the same model.")
+    output: str | None = Field(None, description="Where to write the pseudo-labelled dataset (+ "
+                                                 "pseudo_labels.parquet, selftrain.json, _selftrain/ round state).")
+    dev: str | None = Field(None, description="Labelled dev dataset embedded by the same model: temperature, dev "
+                                              "accuracy and novelty calibration. Samples labelled --none-label are "
+                                              "'none of these' examples for open-set rejection.")
+    labels: str | None = Field(None, description="Output of `webcurate label` on the same input: its posteriors "
+                                                 "are a prior (--prior-weight) and the agreement is reported.")
+    classes: list[str] | str | None = Field(None, description="Class names A,B,C in index order (default: the "
+                                                              "--labels run's classes, else the seed set's, sorted).")
+    none_label: str = Field("none", description="Dev-set label of samples that belong to no class.")
+    classifier: Literal["logreg", "mlp"] = Field("logreg", description="Classifier on the frozen embeddings: "
+                                                                       "softmax regression or a one-hidden-layer MLP.")
+    hidden: int = Field(128, ge=1, description="Hidden units of the MLP.")
+    l2: float = Field(1e-2, ge=0, description="L2 penalty on the classifier's weights (features have unit variance).")
+    max_iter: int = Field(300, ge=1, description="L-BFGS iterations per fit.")
+    max_rounds: int = Field(5, ge=0, description="Self-training rounds (0: fit on the seeds only).")
+    threshold_mode: Literal["fixed", "top_percent"] = Field(
+        "fixed", description="fixed: add pseudo-labels with calibrated probability >= --threshold; top_percent: "
+                             "per class, the most confident --top-percent % of the samples predicted as it.")
+    threshold: float = Field(0.9, gt=0, le=1, description="Confidence a pseudo-label needs (threshold-mode fixed).")
+    top_percent: float = Field(20.0, gt=0, le=100, description="Share per class and round (threshold-mode "
+                                                               "top_percent).")
+    pseudo_weight: float = Field(1.0, gt=0, le=1, description="Training weight of a pseudo-label (seeds weigh 1).")
+    prior_weight: float = Field(1.0, ge=0, description="Weight of the --labels posteriors in the product with the "
+                                                       "classifier's (0: use them only to report agreement).")
+    novelty: Literal["knn", "energy", "maxprob"] = Field(
+        "knn", description="Novelty score: distance to the nearest labelled/pseudo-labelled samples, the "
+                           "classifier's energy, or 1 - max probability.")
+    novelty_k: int = Field(1, ge=1, description="Neighbours of the knn novelty score (mean distance to the k nearest).")
+    novelty_neighbours: Literal["seeds", "seeds_and_pseudo"] = Field(
+        "seeds", description="Neighbours of the knn score: the labelled seeds, or also the pseudo-labels (then a "
+                             "few off-class samples that slip in make their whole cluster look known).")
+    novelty_reference: int = Field(20_000, ge=1, description="At most this many reference samples for the knn "
+                                                             "score (seeds always; a seeded sample of the rest).")
+    abstain_below: float | Literal["auto"] = Field(
+        "auto", description="Leave samples unlabelled whose in-set score (share of in-class dev samples at least "
+                            "as novel) is below this; auto: fitted on the dev set's --none-label examples, 0 "
+                            "without them.")
+    keep_known: float = Field(0.95, gt=0, le=1, description="--abstain-below auto keeps at least this share of "
+                                                            "the dev set's in-class samples.")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="Export only samples whose final label "
+                                                               "probability is at least this.")
+    per_class_cap: int | None = Field(None, ge=0, description="Export at most this many samples per class.")
+    random_seed: int = Field(0, description="Random seed (MLP initialisation, novelty reference sample).")
+    workers: int | None = Field(None, ge=1, description="Shard tasks in flight when writing the output.")
+
+    _split = field_validator("classes", mode="before")(split_commas)
+
+    @field_validator("abstain_below", mode="before")
+    @classmethod
+    def _abstain(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "auto":
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError("expected a number in [0, 1] or auto") from None
+        if not isinstance(v, str) and not 0 <= float(v) <= 1:
+            raise ValueError("must be in [0, 1] or auto")
+        return v
+
+    def record(self) -> dict[str, Any]:
+        """What fixes the result: every parameter but where the output goes and how many workers write it."""
+        return {k: v for k, v in self.as_record().items() if k not in ("output", "workers")}

@@ -49,9 +49,9 @@ class Selection:
 
 
 def select(keys: Sequence[str], probs: np.ndarray, pred: np.ndarray, *, min_confidence: float = 0.0,
-           per_class_cap: int | None = None) -> Selection:
+           per_class_cap: int | None = None, unlabelled_reason: str = "no_votes") -> Selection:
     """Choose the items to export from probabilities ``probs`` (n, K) and
-    predictions ``pred`` (n,) (-1 = no votes)."""
+    predictions ``pred`` (n,) (-1 = no label, counted as ``unlabelled_reason``)."""
     if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
     n = len(keys)
@@ -60,7 +60,7 @@ def select(keys: Sequence[str], probs: np.ndarray, pred: np.ndarray, *, min_conf
     covered = pred >= 0
     confident = covered & (conf >= min_confidence)
     sel = confident.copy()
-    reasons = {"no_votes": int((~covered).sum()), "below_min_confidence": int((covered & ~confident).sum())}
+    reasons = {unlabelled_reason: int((~covered).sum()), "below_min_confidence": int((covered & ~confident).sum())}
     capped = 0
     if per_class_cap is not None:
         if per_class_cap < 0:

@@ -93,9 +93,10 @@ def _saved_run(ds: Dataset) -> dict[str, Any]:
     """The ``label_model.json`` / ``selftrain.json`` the run wrote beside the data ({} when absent)."""
     from webcurate.shards import storage
 
+    from .selftrain_stage import RESULT_FILE
     from .workflow import MODEL_FILE
 
-    name = "selftrain.json" if ds.manifest.get("stage") == "selftrain" else MODEL_FILE
+    name = RESULT_FILE if ds.manifest.get("stage") == "selftrain" else MODEL_FILE
     try:
         return json.loads(storage.read_bytes(storage.join(ds.root, name)))
     except FileNotFoundError:

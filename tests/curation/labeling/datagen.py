@@ -54,17 +54,28 @@ def make_items(n: int, seed: int, *, balance=(0.5, 0.3, 0.2)) -> list[dict]:
     return items
 
 
+def make_distractors(n: int, seed: int, *, dim: int = DIM) -> list[dict]:
+    """Banner-like items of no class: ``y`` -1, label "none", an embedding far from every class."""
+    rng = np.random.default_rng(seed)
+    away = np.random.default_rng(999).normal(size=dim) * 4.0
+    return [{"source": f"https://ads.example.com/{seed}/{i}.jpg", "caption": "buy now", "y": -1, "label": "none",
+             "size": (32, 24), "embedding": (away + 0.9 * rng.normal(size=dim)).astype(np.float32)}
+            for i in range(n)]
+
+
 def write_dataset(root: str, items: list[dict], *, shard_size: int = 30, labelled: bool = False,
-                  embeddings: bool = True, failed_every: int = 0) -> Dataset:
+                  embeddings: bool = True, failed_every: int = 0, model: str = "test") -> Dataset:
     """Write ``items`` as a dataset (shards, index, manifest, embeddings sidecar).
 
-    ``labelled``: put the class name in ``label``; ``failed_every``: every
-    n-th item becomes a failed index row (no image), as ingest records them.
+    ``labelled``: put the class name (or the item's own ``label``) in ``label``;
+    ``failed_every``: every n-th item becomes a failed index row (no image), as
+    ingest records them; ``model``: the embedding model the manifest names.
     """
     num = (len(items) + shard_size - 1) // shard_size
     manifest_mod.save(root, manifest_mod.new("shard", {"test": True}, parent=None, num_shards=num))
     if embeddings:
-        manifest_mod.record_stage(root, "embeddings", {"model": "test", "dim": DIM})
+        dim = len(items[0]["embedding"]) if items else DIM
+        manifest_mod.record_stage(root, "embeddings", {"model": model, "dim": dim})
     ds = Dataset(root)
     for s in range(num):
         chunk = items[s * shard_size:(s + 1) * shard_size]
@@ -74,7 +85,7 @@ def write_dataset(root: str, items: list[dict], *, shard_size: int = 30, labelle
             key = make_key(it["source"])
             it["key"] = key
             row = {"source": it["source"], "caption": it["caption"],
-                   "label": CLASSES[it["y"]] if labelled else None}
+                   "label": it.get("label", CLASSES[it["y"]] if it["y"] >= 0 else None) if labelled else None}
             if failed_every and (s * shard_size + j) % failed_every == failed_every - 1:
                 w.add_failure(key, row, "failed", "decode: broken")
                 continue
@@ -88,7 +99,7 @@ def write_dataset(root: str, items: list[dict], *, shard_size: int = 30, labelle
         if embeddings:
             flat = pa.array(np.asarray(embs, dtype=np.float32).reshape(-1), pa.float32())
             table = pa.table({"key": pa.array(keys, pa.string()),
-                              "embedding": pa.FixedSizeListArray.from_arrays(flat, DIM),
+                              "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
                               "status": pa.array(["ok"] * len(keys)), "error": pa.array([None] * len(keys), pa.string())})
             ds.write_sidecar("embeddings", s, table)
             manifest_mod.record_shard(root, s, {"counts": {"total": len(keys)}}, stage="embeddings")
