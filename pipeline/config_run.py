@@ -9,7 +9,10 @@ each step is skipped (or resumed) when its output is already complete:
   the newest checkpoint when the output holds an unfinished run;
 - embed_for_label (optional): embeddings of the dataset to label and of the
   seed datasets with the trained backbone, so embedding LFs can use them;
-- label: resumes per shard and refuses to overwrite another export.
+- label: resumes per shard and refuses to overwrite another export;
+- selftrain (optional): self-training on the embeddings from the seeds, with
+  the label step's output as a prior; resumes per round, skipped when its
+  output is complete with the same parameters.
 
 A summary table lists every step with its outcome and time.
 """
@@ -22,7 +25,7 @@ from typing import Any, Callable
 
 from webcurate.shards.errors import ConfigError
 
-STEPS = ("shard", "curate", "train", "embed_for_label", "label")
+STEPS = ("shard", "curate", "train", "embed_for_label", "label", "selftrain")
 TOP_LEVEL = {"ray_address", "workdir", *STEPS}
 
 
@@ -200,9 +203,27 @@ def run_label_step(sec: dict[str, Any]) -> StepResult:
     return StepResult("label", "ran", 0.0, out, detail.strip())
 
 
+def run_selftrain_step(sec: dict[str, Any]) -> StepResult:
+    from webcurate.curation.labeling.params import SelfTrainParams
+    from webcurate.curation.labeling.selftrain_stage import run_selftrain, selftrain_is_complete
+    from webcurate.shards.params import parse
+
+    _need(sec, "input", "selftrain"), _need(sec, "seed", "selftrain"), _need(sec, "output", "selftrain")
+    p = parse(SelfTrainParams, sec, "pipeline config", section="selftrain")
+    if selftrain_is_complete(p):
+        return StepResult("selftrain", "complete already", 0.0, p.output, "same inputs and options")
+    run = run_selftrain(p)
+    f = run.final
+    detail = (f"{len(run.state.summaries)} round(s), {int((run.state.label >= 0).sum())} pseudo-labels, "
+              f"{int(run.rejected.sum())} rejected as no class")
+    if f.dev_accuracy is not None:
+        detail += f", dev accuracy {f.dev_accuracy:.3f}"
+    return StepResult("selftrain", "resumed" if run.resumed_after else "ran", 0.0, p.output, detail)
+
+
 RUNNERS: dict[str, Callable[[dict[str, Any]], StepResult]] = {
     "shard": run_shard_step, "curate": run_curate_step, "train": run_train_step,
-    "embed_for_label": run_embed_for_label_step, "label": run_label_step,
+    "embed_for_label": run_embed_for_label_step, "label": run_label_step, "selftrain": run_selftrain_step,
 }
 
 
@@ -220,6 +241,11 @@ def _chain_inputs(cfg: dict[str, Any]) -> None:
             sec.setdefault("data", prev)
         elif step == "label":
             sec.setdefault("input", prev)
+        elif step == "selftrain":  # the label step's input, its output as the prior
+            label = cfg.get("label") if isinstance(cfg.get("label"), dict) else {}
+            sec.setdefault("input", label.get("input") or prev)
+            if label.get("output"):
+                sec.setdefault("labels", label["output"])
         elif step == "shard":
             prev = sec.get("output")
 
