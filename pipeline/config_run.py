@@ -74,27 +74,21 @@ def _need(sec: dict[str, Any], key: str, step: str) -> Any:
     return sec[key]
 
 
+def check_shard_section(sec: dict[str, Any]):
+    """The `shard:` section as validated ``IngestParams`` (a ``ConfigError`` names the bad field)."""
+    from webcurate.shards.ingest_params import IngestParams
+    from webcurate.shards.params import parse
+
+    return parse(IngestParams, sec, "pipeline config", section="shard")
+
+
 def run_shard_step(sec: dict[str, Any]) -> StepResult:
-    from webcurate.shards.download import FetchOptions
-    from webcurate.shards.image_ops import ImageOptions
     from webcurate.shards.ingest import ingest
 
-    sec = dict(sec)
-    inp, out = _need(sec, "input", "shard"), _need(sec, "output", "shard")
-    image_keys = {"image_size", "resize_mode", "min_side", "max_pixels", "max_aspect_ratio", "jpeg_quality",
-                  "output_format", "upscale"}
-    fetch_keys = {"connect_timeout", "read_timeout", "total_timeout", "retries", "max_bytes",
-                  "allow_private_addresses", "allow_local_files", "allow_s3_sources"}
-    image_opts = ImageOptions(**{k: sec.pop(k) for k in list(sec) if k in image_keys})
-    fetch_opts = FetchOptions(**{k: sec.pop(k) for k in list(sec) if k in fetch_keys})
-    sec.pop("input"), sec.pop("output")
-    allowed = {"url_col", "caption_col", "label_col", "labels_from_dirs", "shard_size", "workers", "threads", "dedup"}
-    bad = sorted(set(sec) - allowed)
-    if bad:
-        raise ConfigError(f"pipeline step `shard`: unknown key(s) {', '.join(bad)}")
-    r = ingest(inp, out, image_opts=image_opts, fetch_opts=fetch_opts, **sec)
+    p = check_shard_section(sec)
+    r = ingest(p.input, p.output, **p.ingest_kwargs())
     c = r.counts
-    return StepResult("shard", "ran" if r.shards_written else "complete already", r.seconds, out,
+    return StepResult("shard", "ran" if r.shards_written else "complete already", r.seconds, p.output,
                       f"{c.get('ok', 0)} ok, {c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicates")
 
 
@@ -117,7 +111,7 @@ def train_is_complete(output: str) -> bool:
 def run_train_step(sec: dict[str, Any]) -> StepResult:
     from webcurate.train.checkpoint import list_checkpoints
     from webcurate.train.config import load_config
-    from webcurate.train.loop import train
+    from webcurate.train.driver import train
 
     data, out = _need(sec, "data", "train"), _need(sec, "output", "train")
     if train_is_complete(out):
@@ -126,7 +120,8 @@ def run_train_step(sec: dict[str, Any]) -> StepResult:
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
     overrides = [str(o) for o in overrides]
-    for key, path in (("max_steps", "run.max_steps"), ("num_workers", "run.num_workers"), ("model", "model.name")):
+    for key, path in (("max_steps", "run.max_steps"), ("num_workers", "run.num_workers"), ("model", "model.name"),
+                      ("method", "method"), ("time_budget", "run.time_budget"), ("epochs", "run.epochs")):
         if sec.get(key) is not None:
             overrides.append(f"{path}={sec[key]}")
     cfg = load_config(sec.get("config"), overrides)
@@ -227,6 +222,9 @@ RUNNERS: dict[str, Callable[[dict[str, Any]], StepResult]] = {
 }
 
 
+CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {"shard": check_shard_section}
+
+
 def _chain_inputs(cfg: dict[str, Any]) -> None:
     """Fill each step's input from the previous step's output when not given."""
     prev: str | None = None
@@ -257,6 +255,9 @@ def run_pipeline(config: str | dict[str, Any], *, only: list[str] | None = None)
 
     cfg = load_pipeline(config)
     _chain_inputs(cfg)
+    for step, check in CHECKS.items():  # sections with a parameter model: checked before any work starts
+        if isinstance(cfg.get(step), dict) and (not only or step in only):
+            check(dict(cfg[step]))
     init_ray(cfg.get("ray_address"))
     results: list[StepResult] = []
     for step in STEPS:

@@ -5,7 +5,9 @@ Builds a web-like corpus of real photos (``demo_corpus``), serves it on
 shard the URLs → curate (embed with a random-init ViT, near-duplicate
 removal, hierarchical k-means, balanced sampling, export) → train a tiny ViT
 with DINO/iBOT for a few steps → embed with the trained backbone → label with
-caption keywords and seed-set embedding LFs → HTML report.
+caption keywords and seed-set embedding LFs → self-train on the embeddings
+with the label model as a prior, leaving the distractors (banners of no class)
+unlabelled → HTML reports.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import shutil
 from typing import Any
 
-from .demo_corpus import LoopbackServer, build_corpus, materialise_url_list
+from .demo_corpus import LoopbackServer, _distractor, build_corpus, materialise_url_list
 
 EMBED_MODEL = "vit_tiny_patch16_224"
 
@@ -54,7 +56,7 @@ def demo_pipeline(work: str, url_list: str, seed_root: str, dev_root: str, lfs: 
     data = os.path.join(work, "data")
     return {
         "shard": {"input": url_list, "output": os.path.join(data, "raw"), "shard_size": 128, "image_size": 64,
-                  "resize_mode": "keep_ratio", "threads": 8, "retries": 1, "read_timeout": 5.0,
+                  "resize_mode": "keep_ratio", "threads": 8, "retries": 1, "timeout": 5.0,
                   "allow_private_addresses": True},  # the corpus is served from 127.0.0.1
         "curate": {
             "output": os.path.join(data, "curated"),
@@ -71,7 +73,21 @@ def demo_pipeline(work: str, url_list: str, seed_root: str, dev_root: str, lfs: 
                             "image_size": 32, "batch_size": 64},
         "label": {"input": os.path.join(data, "curated"), "lfs": lfs, "output": os.path.join(data, "labelled"),
                   "dev": dev_root, "min_confidence": 0.3},
+        # The label step's output is the prior; the dev set's "none" banners calibrate the rejection.
+        "selftrain": {"input": os.path.join(data, "curated"), "seed": seed_root, "dev": dev_root,
+                      "output": os.path.join(data, "selftrained"), "max_rounds": 3},
     }
+
+
+def add_none_examples(dev_dir: str, n: int = 6, seed: int = 1) -> None:
+    """A few banners of no class in the dev set (``none/``): open-set rejection is calibrated on them."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)  # other banners than the pool's distractors
+    os.makedirs(os.path.join(dev_dir, "none"), exist_ok=True)
+    for j in range(n):
+        Image.fromarray(_distractor(rng)).save(os.path.join(dev_dir, "none", f"none{j:02d}.jpg"), quality=85)
 
 
 def run_demo(workdir: str, keep: bool = False, max_steps: int = 30) -> dict[str, Any]:
@@ -90,6 +106,7 @@ def run_demo(workdir: str, keep: bool = False, max_steps: int = 30) -> dict[str,
           f"{corpus.n_duplicates} planted near-duplicates, {corpus.n_distractors} distractors, "
           f"{corpus.n_broken} broken links")
     init_ray()
+    add_none_examples(corpus.dev_dir)
     seed_root = os.path.join(work, "data", "seed")
     dev_root = os.path.join(work, "data", "dev")
     for src, dst in ((corpus.seed_dir, seed_root), (corpus.dev_dir, dev_root)):
@@ -108,15 +125,22 @@ def run_demo(workdir: str, keep: bool = False, max_steps: int = 30) -> dict[str,
     # Re-written now that the curated set also carries the labelling functions' votes.
     outputs["curation report"] = write_report(os.path.join(work, "data", "curated"))
     outputs["label report"] = write_report(os.path.join(work, "data", "labelled"))
-    acc = pseudo_label_accuracy(os.path.join(work, "data", "labelled"))
-    if acc is not None:
-        n, right = acc
-        print(f"\npseudo-labels vs the corpus's hidden true labels: {right}/{n} = {right / max(n, 1):.1%} "
-              f"(distractors have no true label and count as wrong)")
+    outputs["selftrain report"] = write_report(os.path.join(work, "data", "selftrained"))
+    for step, out in (("label", "labelled"), ("selftrain", "selftrained")):
+        acc = pseudo_label_accuracy(os.path.join(work, "data", out))
+        if acc is not None:
+            n, right = acc
+            print(f"\n{step}: pseudo-labels vs the corpus's hidden true labels: {right}/{n} = "
+                  f"{right / max(n, 1):.1%} (distractors have no true label and count as wrong)")
+        cover = class_coverage(os.path.join(work, "data", "curated"), os.path.join(work, "data", out))
+        if cover is not None:
+            print(f"{step}: distractors left unlabelled {cover[0]}/{cover[1]}, photos of the classes labelled "
+                  f"{cover[2]}/{cover[3]}")
     print("\nwebcurate demo finished. Outputs:")
     for name, path in outputs.items():
         print(f"  {name:16s} {path}")
-    print(f"\nOpen the reports: file://{outputs['curation report']}  and  file://{outputs['label report']}")
+    print(f"\nOpen the reports: file://{outputs['curation report']}, file://{outputs['label report']}  and  "
+          f"file://{outputs['selftrain report']}")
     return outputs
 
 
@@ -137,3 +161,18 @@ def pseudo_label_accuracy(labelled: str) -> tuple[int, int] | None:
         return None
     rows = [r for r in idx if r["status"] == "ok" and r.get("label") is not None]
     return len(rows), sum(r["label"] == r.get("true_label") for r in rows)
+
+
+def class_coverage(curated: str, labelled: str) -> tuple[int, int, int, int] | None:
+    """(distractors left unlabelled, distractors, class photos labelled, class photos) of a labelled output."""
+    from webcurate.shards.dataset import Dataset
+
+    try:
+        pool = Dataset(curated).index(columns=["key", "true_label", "status"]).to_pylist()
+        got = set(Dataset(labelled).ok_keys())
+    except Exception:  # noqa: BLE001 - the summary line is optional; the outputs are what matter
+        return None
+    pool = [r for r in pool if r["status"] == "ok"]
+    none = [r["key"] for r in pool if r.get("true_label") is None]
+    real = [r["key"] for r in pool if r.get("true_label") is not None]
+    return sum(k not in got for k in none), len(none), sum(k in got for k in real), len(real)

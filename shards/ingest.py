@@ -9,11 +9,14 @@ same bytes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from . import layout, manifest as manifest_mod, storage
+from .progress import print_summary
+from .ray_runtime import cluster_cpus, init_ray
+from .stage import raise_if_failed, run_shards
 from .errors import DatasetError
 from .download import Downloader, FetchFailed, FetchOptions
 from .image_ops import ImageOptions, ImageRejected, PixelBudget, process_image
@@ -23,6 +26,9 @@ from .sources import (Attempts, RetryLater, check_url_source, host_of, read_fold
                       read_s3)
 from .schema import STATUS_DUPLICATE, STATUS_FAILED, STATUS_OPTED_OUT, rows_to_table
 from .writer import ShardWriter, shard_stats, write_parquet
+
+if TYPE_CHECKING:
+    from .ingest_params import IngestParams
 
 
 @dataclasses.dataclass
@@ -158,17 +164,16 @@ def ingest_table(
     dedup: bool = True,
     summary: bool = True,
 ) -> IngestResult:
-    """Shard an input table (columns source, key, [caption, label, extras]) into ``output``."""
-    from webcurate.shards.progress import print_summary
-    from webcurate.shards.stage import run_shards
+    """Shard an input table (columns source, key, [caption, label, extras]) into ``output``.
 
+    ``fetch_opts`` host limits are for the whole run; each shard task gets its
+    share (``task_fetch_options``).
+    """
     if shard_size < 1:
         raise ValueError("--shard-size must be at least 1")
     n = table.num_rows
     num_shards = max(1, -(-n // shard_size))
-    params = dict(stage_params, shard_size=shard_size, image=dataclasses.asdict(image_opts), num_inputs=n)
-    from .dataset import Dataset
-
+    params = dict(stage_params, shard_size=shard_size, image=_image_record(image_opts), num_inputs=n)
     existing = _check_existing(output, "shard", params)
     if existing is None:
         m = manifest_mod.new("shard", params, parent=None, num_shards=num_shards)
@@ -178,16 +183,18 @@ def ingest_table(
     m["fetch"] = manifest_mod.normalize(
         {k: v for k, v in dataclasses.asdict(fetch_opts).items() if k != "user_agent"}) if base is None else None
     manifest_mod.save(output, m)
-    ds = Dataset(output)
-    done = set(ds.completed_shards())
+    done = set(completed_shards(output))
+    todo = [s for s in range(num_shards) if s not in done]
+    init_ray()
+    in_flight = max(1, min(workers or int(cluster_cpus()), len(todo) or 1))
 
     def on_done(shard: int, stats: dict[str, Any]) -> None:
         manifest_mod.record_shard(output, shard, stats)
 
     result = run_shards(
         ingest_shard, list(range(num_shards)),
-        kwargs=dict(root=output, table=table, shard_size=shard_size, base=base,
-                    image_opts=image_opts, fetch_opts=fetch_opts, threads=threads, dedup=dedup),
+        kwargs=dict(root=output, table=table, shard_size=shard_size, base=base, image_opts=image_opts,
+                    fetch_opts=task_fetch_options(fetch_opts, in_flight), threads=threads, dedup=dedup),
         done=done, on_done=on_done, desc="shard", workers=workers, num_cpus=1.0,
     )
     if not result.failed and dedup:
@@ -195,10 +202,50 @@ def ingest_table(
     m = manifest_mod.load(output) or {}
     if summary:
         print_summary(result, title=f"shard -> {output}", totals=m.get("counts", {}))
-    from webcurate.shards.stage import raise_if_failed
-
+        print_host_summary(result, fetch_opts, in_flight)
     raise_if_failed(result)
     return IngestResult(output, num_shards, m.get("counts", {}), result.seconds, result.failed, len(result.done))
+
+
+def _image_record(opts: ImageOptions) -> dict[str, Any]:
+    """Image options as recorded: what decides the output bytes (not the memory bound)."""
+    return {k: v for k, v in dataclasses.asdict(opts).items() if k != "max_task_pixels"}
+
+
+def completed_shards(root: str) -> list[int]:
+    """Shards recorded complete whose index exists (``Dataset.completed_shards`` without its import cost)."""
+    recorded = set(manifest_mod.completed_ids(root))
+    present = {int(e.name.split(".")[0]) for e in storage.list_dir(storage.join(root, layout.INDEX_DIR))
+               if e.name.endswith(".parquet") and e.name.split(".")[0].isdigit()}
+    return sorted(recorded & present)
+
+
+def task_fetch_options(opts: FetchOptions, in_flight: int) -> FetchOptions:
+    """One task's share of the whole run's per-host limits when ``in_flight`` tasks run at once.
+
+    Rate and concurrency are divided so that all tasks together keep them
+    (concurrency at least 1 per task); every task may hit the same host.
+    """
+    k = max(1, int(in_flight))
+    return dataclasses.replace(opts, host_rate=opts.host_rate / k if opts.host_rate else 0.0,
+                               host_concurrency=max(1, opts.host_concurrency // k) if opts.host_concurrency else 0)
+
+
+def print_host_summary(result: Any, opts: FetchOptions, in_flight: int) -> None:
+    """Per-host politeness of this run: the limits and which hosts made us wait (Retry-After)."""
+    throttled: dict[str, int] = {}
+    seconds = 0.0
+    for st in result.done.values():
+        h = st.get("hosts") or {}
+        seconds += float(h.get("throttle_seconds") or 0)
+        for host, n in (h.get("throttled_hosts") or {}).items():
+            throttled[host] = throttled.get(host, 0) + int(n)
+    if not result.done or (not throttled and not opts.host_rate):
+        return
+    limits = (f"per host: {opts.host_concurrency or 'no'} concurrent cap, "
+              f"{f'{opts.host_rate:g}/s' if opts.host_rate else 'no rate limit'} (shared by {in_flight} task(s))")
+    top = ", ".join(f"{h} {n}x" for h, n in sorted(throttled.items(), key=lambda kv: -kv[1])[:5])
+    print(f"{limits}; Retry-After waits: {sum(throttled.values())} ({seconds:.1f}s){': ' + top if top else ''}")
 
 
 def mark_cross_shard_duplicates(root: str) -> int:
@@ -209,15 +256,12 @@ def mark_cross_shard_duplicates(root: str) -> int:
     later ones get status ``duplicate`` and ``duplicate_of`` in the index
     (their bytes stay in the tar, readers go by the index). Idempotent.
     """
-    from .dataset import Dataset
-
-    ds = Dataset(root)
     first: dict[str, str] = {}
     first_shard: dict[str, int] = {}
     marked = cross = 0
     recounted: dict[int, dict[str, int]] = {}
-    for shard in ds.completed_shards():
-        idx = ds.read_index(shard)
+    for shard in completed_shards(root):
+        idx = storage.read_parquet(layout.index_uri(root, shard))
         rows = idx.to_pylist()
         changed = False
         for r in rows:
@@ -292,6 +336,20 @@ def ingest_urls(
               "label_col": label_col, "dedup": dedup}
     return ingest_table(table, output, stage_params=params, base=None, shard_size=shard_size, workers=workers,
                         threads=threads, image_opts=image_opts, fetch_opts=fetch_opts, dedup=dedup, summary=summary)
+
+
+def run_ingest(params: "IngestParams") -> str:
+    """Run `webcurate shard` (or the `shard:` step) from validated parameters; returns the summary line."""
+    if params.adopt:
+        from .adopt import adopt
+
+        ds = adopt(params.input, workers=params.workers)
+        return f"adopted {ds.num_shards} shard(s) in place: {params.input}"
+    result = ingest(params.input, params.output, **params.ingest_kwargs())
+    c = result.counts
+    return (f"wrote {result.num_shards} shard(s) to {params.output}: {c.get('ok', 0)} ok, "
+            f"{c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicates, "
+            f"{c.get('opted_out', 0)} opted out in {result.seconds:.1f}s")
 
 
 def ingest(input_uri: str, output: str, **kwargs: Any) -> IngestResult:
