@@ -59,8 +59,12 @@ def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy,
 @click.option("--strategy", type=click.Choice(["random", "closest"]), default="random", show_default=True,
               help="Within a level-1 cluster take random samples, or those closest to the centroid.")
 @click.option("--seed", default=0, show_default=True, help="Random seed for ties and the random strategy.")
+@click.option("--min-score", multiple=True, metavar="NAME=VALUE",
+              help="Leave out samples whose `webcurate score --name NAME` score is below VALUE (repeatable).")
+@click.option("--weight-by", default=None, metavar="NAME",
+              help="Within each cluster, draw with probability growing with score NAME (replaces --strategy).")
 @report_option
-def sample(input_uri, target, strategy, seed, make_report):
+def sample(input_uri, target, strategy, seed, min_score, weight_by, make_report):
     """Balanced sampling: water-fill --target over the cluster hierarchy.
 
     Top-down, each cluster's share is split over its child clusters so that
@@ -73,7 +77,7 @@ def sample(input_uri, target, strategy, seed, make_report):
     """
     from .sample import run_sample
 
-    run_sample(input_uri, target, strategy=strategy, seed=seed)
+    run_sample(input_uri, target, strategy=strategy, seed=seed, min_score=list(min_score), weight_by=weight_by)
     write_stage_report(input_uri, make_report)
 
 

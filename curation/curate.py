@@ -1,7 +1,7 @@
 """`webcurate curate --config curate.yaml`: the whole curation flow in one command.
 
-embed -> dedup -> retrieve (when seeds are given) -> cluster -> sample ->
-export, then the HTML report. Every step is the same function its own
+embed -> filter (when configured) -> dedup -> retrieve (when seeds are given)
+-> cluster -> sample -> export, then the HTML report. Every step is the same function its own
 subcommand runs, so every step resumes: a step whose output is complete
 with the same parameters does nothing, a step killed half-way continues
 where it stopped. A step can be turned off with ``<step>: false``. The keys
@@ -26,13 +26,15 @@ SECTIONS: dict[str, dict[str, Any]] = {
                  "min_seed_per_cluster": 3, "exclude_duplicates": True, "min_score": None, "seed": 0},
     "cluster": {"levels": [10000, 1000, 100], "resampling_steps": 10, "sample_size": None,
                 "sample_strategy": "closest", "niter": 20, "seed": 0, "method": "auto", "subset": "auto"},
-    "sample": {"target": None, "strategy": "random", "seed": 0},
+    "sample": {"target": None, "strategy": "random", "seed": 0, "min_score": [], "weight_by": None},
     "export": {"selection": "auto", "workers": None},
     "report": {"output": None},
 }
-TOP_LEVEL = {"input", "output", "ray_address", *SECTIONS}
+# `filter:` (quality filters, curation/quality_params.FilterParams) is off unless the config has the section.
+TOP_LEVEL = {"input", "output", "ray_address", "filter", *SECTIONS}
 # The stage (sidecar) each step writes, to tell "ran" from "was complete".
-_SIDECAR = {"embed": "embeddings", "dedup": "dedup", "retrieve": "retrieve", "cluster": "clusters", "sample": "sample"}
+_SIDECAR = {"embed": "embeddings", "filter": "filter", "dedup": "dedup", "retrieve": "retrieve",
+            "cluster": "clusters", "sample": "sample"}
 
 
 @dataclass
@@ -86,6 +88,15 @@ def load_config(path_or_dict: str | dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{b}' for b in bad)}; "
                               f"allowed: {', '.join(sorted(defaults))}")
         cfg[name] = {**defaults, **sec}
+    fsec = raw.get("filter", False)
+    if fsec in (False, None):
+        cfg["filter"] = None
+    else:
+        from webcurate.shards.params import parse
+
+        from .quality_params import FilterParams
+
+        cfg["filter"] = parse(FilterParams, {} if fsec is True else fsec, where, section="filter").as_record()
     if cfg["embed"] is not None and not cfg["embed"]["model"]:
         raise ConfigError(f"{where}: `embed.model` (a timm architecture name) is required")
     if cfg["sample"] is not None and not cfg["sample"]["target"]:
@@ -169,6 +180,16 @@ def run_curate(config: str | dict[str, Any], *, summary: bool = True, verbose: b
     else:
         outcomes.append(StepOutcome("embed", "off"))
 
+    if cfg["filter"] is not None:
+        from .filter import run_filter
+        from .quality_params import FilterParams
+
+        fp = FilterParams.model_validate(cfg["filter"])
+        _run_step(outcomes, "filter", root, lambda: run_filter(root, fp, summary=verbose),
+                  lambda r: _counts(r, "total", "kept", "removed"))
+    else:
+        outcomes.append(StepOutcome("filter", "off"))
+
     if cfg["dedup"] is not None:
         from .dedup import run_dedup
 
@@ -212,7 +233,8 @@ def run_curate(config: str | dict[str, Any], *, summary: bool = True, verbose: b
 
         s = cfg["sample"]
         _run_step(outcomes, "sample", root, lambda: run_sample(
-            root, int(s["target"]), strategy=s["strategy"], seed=int(s["seed"]), summary=verbose),
+            root, int(s["target"]), strategy=s["strategy"], seed=int(s["seed"]), min_score=s["min_score"],
+            weight_by=s["weight_by"], summary=verbose),
             lambda r: f"selected {r.get('selected')} of {r.get('clustered')}")
     else:
         outcomes.append(StepOutcome("sample", "off"))

@@ -25,8 +25,13 @@ STAGE = "sample"
 
 
 def run_sample(input: str, target: int, *, strategy: str = "random", seed: int = 0,
+               min_score: list[str] | None = None, weight_by: str | None = None,
                summary: bool = True) -> dict[str, Any]:
     """Select ``target`` keys balanced over the clusters and write the ``sample`` sidecar.
+
+    ``min_score`` (``NAME=VALUE`` items) leaves out samples whose
+    ``webcurate score`` is below VALUE; ``weight_by`` NAME draws within each
+    cluster with probability growing with that score instead of ``strategy``.
 
     Returns ``{"skipped", "selected", "clustered", "target", "entropy_before",
     "entropy_after", "warnings", "seconds"}``; entropies are of level-1
@@ -44,6 +49,11 @@ def run_sample(input: str, target: int, *, strategy: str = "random", seed: int =
     entry = global_stage.stage_entry(ds, CLUSTERS)
     params = {"target": target, "strategy": strategy, "seed": seed,
               "upstream": {CLUSTERS: entry.get("parameters")}}
+    if min_score or weight_by:  # recorded only when used: older runs keep their parameters
+        from .score import score_runs
+
+        params.update(min_score=sorted(min_score or []), weight_by=weight_by)
+        params["upstream"].update(score_runs(ds, min_score, weight_by))
     if global_stage.is_complete(ds, STAGE, shards, params):
         st = global_stage.stage_entry(ds, STAGE)
         if summary:
@@ -55,13 +65,21 @@ def run_sample(input: str, target: int, *, strategy: str = "random", seed: int =
     if not lvl:
         raise DatasetError(f"the clusters table of {ds.root} has no level_* columns; re-run `webcurate cluster`")
     ok = np.asarray(table["status"].to_pylist(), dtype=object) == STATUS_OK
+    prio = None
+    if min_score or weight_by:
+        from .score import score_selection
+
+        ok, prio = score_selection(ds, table["key"].to_pylist(), ok, min_score, weight_by, seed)
     labels = np.stack([table[c].to_numpy(zero_copy_only=False) for c in lvl], axis=1)[ok]
     distance = table["distance"].to_numpy(zero_copy_only=False)[ok]
     n_ok = int(ok.sum())
     warns: list[str] = []
     if target > n_ok:
         warns.append(f"target {target} is larger than the {n_ok} clustered samples; selecting all of them")
-    mask_ok = balanced_sample(labels, min(target, n_ok), distance=distance, strategy=strategy, seed=seed)
+    if prio is not None:  # score-weighted: the priority takes the place of the distance
+        mask_ok = balanced_sample(labels, min(target, n_ok), distance=prio, strategy="closest", seed=seed)
+    else:
+        mask_ok = balanced_sample(labels, min(target, n_ok), distance=distance, strategy=strategy, seed=seed)
     selected = np.zeros(table.num_rows, dtype=bool)
     selected[np.flatnonzero(ok)[mask_ok]] = True
     parts: dict[int, pa.Table] = {}

@@ -310,3 +310,44 @@ def sampling_priority(scores: np.ndarray, *, weighted: bool = True, seed: int = 
     else:
         key = -s
     return np.where(np.isnan(s), np.inf, key)
+
+
+def _floors(min_score: list[str] | dict[str, float] | None) -> dict[str, float]:
+    """``{name: floor}`` from ``NAME=VALUE`` items (or a mapping); ConfigError naming --min-score."""
+    from pydantic import ValidationError
+
+    from .quality_params import FilterParams
+
+    try:
+        return FilterParams(min_score=min_score or []).score_floors
+    except ValidationError as e:
+        raise ConfigError(f"--min-score: {e.errors()[0]['msg']}") from None
+
+
+def score_runs(ds, min_score: list[str] | dict[str, float] | None, weight_by: str | None) -> dict[str, Any]:
+    """{score stage: run id} of the scores ``sample`` uses, recorded so a re-scored dataset re-samples."""
+    from webcurate.shards.global_stage import stage_run
+
+    names = [*_floors(min_score), *([weight_by] if weight_by else [])]
+    return {score_stage(n): stage_run(ds.root, score_stage(n)) for n in names}
+
+
+def score_selection(ds, keys: list[str], ok: np.ndarray, min_score: list[str] | dict[str, float] | None,
+                    weight_by: str | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``webcurate sample --min-score / --weight-by`` changes for candidate ``keys``.
+
+    ok: (N,) bool candidates. Returns (ok narrowed to keys whose score meets
+    every floor, (ok.sum(),) sampling priority of the remaining candidates
+    for ``weight_by``, or None without it). A key without a score fails a
+    floor and is taken last when weighting.
+    """
+    ok = ok.copy()
+    for name, floor in _floors(min_score).items():
+        s = read_scores(ds, name)
+        ok &= np.array([s.get(k, -np.inf) >= floor for k in keys], dtype=bool)
+    prio = None
+    if weight_by:
+        s = read_scores(ds, weight_by)
+        vals = np.array([s.get(k, np.nan) for k, o in zip(keys, ok) if o], dtype=np.float64)
+        prio = sampling_priority(vals, weighted=True, seed=seed)
+    return ok, prio

@@ -139,3 +139,16 @@ def test_later_stages_leave_filtered_samples_out_and_a_new_filter_recomputes_the
     run_filter(root, FilterParams(skip=["noise"], allow_mass_removal=True), summary=False)
     assert read_embeddings(root).fingerprint()["filter"] != emb.fingerprint()["filter"]
     assert "j_noise" in read_embeddings(root).keys
+
+
+def test_the_curate_filter_step_is_off_unless_configured_and_its_errors_name_the_field():
+    from webcurate.curation.curate import load_config
+
+    base = {"input": "pool", "embed": False, "sample": False, "export": False}
+    assert load_config(base)["filter"] is None
+    assert load_config({**base, "filter": {"min_blur": 40, "skip": ["aspect"]}})["filter"]["min_blur"] == 40
+    assert load_config({**base, "filter": True})["filter"] == FilterParams().as_record()
+    with pytest.raises(ConfigError, match=r"^config: filter.min_blurr: unknown key; allowed: .*min_blur"):
+        load_config({**base, "filter": {"min_blurr": 40}})
+    with pytest.raises(ConfigError, match=r"filter.max_noise: Input should be less than or equal to 2"):
+        load_config({**base, "filter": {"max_noise": 5}})

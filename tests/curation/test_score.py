@@ -121,3 +121,21 @@ def test_score_weighted_priority_favours_high_scores_and_top_mode_is_exact():
     assert firsts[1] > firsts[2] > firsts[0] > 0 and firsts[3] == 0
     with pytest.raises(ConfigError, match="scores >= 0"):
         sampling_priority(np.array([-1.0, 1.0]))
+
+
+def test_sample_takes_min_score_floors_and_score_weighted_draws(pool, tmp_path):
+    from webcurate.curation.cluster import run_cluster
+    from webcurate.curation.sample import run_sample, selected_keys
+
+    save_file({"weight": torch.randn(1, 96, generator=torch.Generator().manual_seed(1))},
+              str(tmp_path / "aes.safetensors"))
+    run_score(pool, ScoreParams(head=str(tmp_path / "aes.safetensors")), summary=False)
+    scores = read_scores(Dataset(pool), "aes")
+    floor = sorted(scores.values())[2]  # 4 of the 6 scored samples reach it
+    run_cluster(pool, levels="2", resampling_steps="0", summary=False)
+    res = run_sample(pool, 10, min_score=[f"aes={floor}"], summary=False)
+    assert res["selected"] == 4 and set(selected_keys(Dataset(pool))) == {k for k, s in scores.items() if s >= floor}
+    res = run_sample(pool, 3, weight_by="aes", seed=5, summary=False)
+    assert res["selected"] == 3 and set(selected_keys(Dataset(pool))) <= set(scores)
+    with pytest.raises(ConfigError, match="--min-score: .*NAME=VALUE"):
+        run_sample(pool, 3, min_score=["aes"], summary=False)
