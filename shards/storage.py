@@ -70,6 +70,10 @@ def _s3fs(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
         kwargs["force_virtual_addressing"] = False
     kwargs["region"] = region or "us-east-1"
     kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    # Writes through this filesystem (Ray Train's checkpoints) then send small objects as one
+    # PutObject: otherwise pyarrow writes even empty marker files as multipart uploads with no
+    # parts, which S3-compatible servers (moto, some MinIO versions) reject.
+    kwargs["allow_delayed_open"] = True
     return pafs.S3FileSystem(**kwargs)
 
 

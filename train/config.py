@@ -1,185 +1,240 @@
-"""Training configuration: DINOv2/iBOT recipe, model, optimiser, run settings and loader.
+"""Training configuration: the method, model, heads, losses, optimiser, run settings and loader.
 
-One nested dataclass, ``TrainConfig``, mirrors the YAML file section by section::
+``TrainConfig`` (a ``shards.params.Params`` model) mirrors the YAML file::
 
-    model:   timm ViT name and architecture overrides (patch, dim, depth, registers, ...)
-    dino:    DINO head + loss (prototypes, hidden/bottleneck dims, student temp, KoLeo weight)
-    ibot:    iBOT patch loss and its head (shared with DINO or separate)
-    teacher: EMA momentum schedule, teacher temperature warm-up, centering method
-    optim:   AdamW, lr/wd cosine schedules, layer-wise decay, grad clip, last-layer freeze
-    run:     Ray Train workers, GPU/FSDP/precision, steps, logging, checkpoints, seed
-    loader:  the multi-crop loader (``webcurate.train.data.config.LoaderConfig``)
+    method:  dinov2 | dino | ibot | simclr | moco_v2 | moco_v3 | byol | simsiam | swav | vicreg
+             | barlow_twins | mae  (see ``train/methods/registry.py``)
+    model:   a timm ViT or ConvNet by name, architecture overrides, small-image stem
+    dino / ibot / teacher:  DINO-family heads and losses; ``teacher`` is every EMA branch
+    head:    projector / predictor of the two-view methods (and SwAV's projector)
+    simclr / moco / swav / vicreg / barlow_twins / mae:  each method's own loss settings
+    optim:   AdamW or SGD, lr/wd cosine schedules, warm-ups (in epochs of the recipe's length)
+    run:     Ray Train workers, GPU/FSDP/precision, run length (epochs, steps or a time budget)
+    loader:  the view/multi-crop loader (``webcurate.train.data.config.LoaderConfig``)
 
-Defaults follow DINOv2's ``ssl_default_config.yaml``. ``load_config`` reads a
-YAML file and applies ``section.key=value`` overrides (values parsed as YAML,
-so ``optim.base_lr=1e-3`` and ``loader.global_scale=[0.4,1.0]`` both work);
-unknown sections or keys raise ``ConfigError`` naming them.
+A method's published recipe (its views, momentum, weight decay) is applied
+under the user's values, so ``method: byol`` alone gives BYOL's asymmetric
+views. Defaults otherwise follow DINOv2's ``ssl_default_config.yaml``.
+``load_config`` reads one YAML file (``shards.params.load_yaml``) and applies
+``section.key=value`` overrides (values parsed as YAML; ``method=simclr`` sets
+the top-level key); every error names the field.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+import re
+from dataclasses import asdict
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_serializer, field_validator
 
 from webcurate.shards.errors import ConfigError
+from webcurate.shards.params import Params, load_yaml, parse
 from webcurate.train.data.config import LoaderConfig
 
-CENTERING_MODES = ("centering", "sinkhorn_knopp")
-SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
+from .methods.registry import METHODS, MethodName, get_method
+
+Epochs = float  # epoch-valued settings are scaled with the run's length (see schedules.Plan)
 
 
-@dataclass
-class ModelConfig:
-    """A timm ViT by name; ``None`` fields keep the timm architecture's value."""
+class ModelConfig(Params):
+    """A timm ViT or ConvNet by name; ``None`` fields keep the timm architecture's value."""
 
     name: str = "vit_small_patch16_224"
-    img_size: int | None = None  # default: loader.global_size
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    reg_tokens: int | None = None  # register tokens (Darcet et al.); None keeps the arch's
-    drop_path_rate: float = 0.1
-    # DINOv2 drops every block's residual with the same probability instead of timm's linear ramp.
-    drop_path_uniform: bool = True
-    layerscale: float | None = 1e-5  # LayerScale init value; None disables LayerScale
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model takes
+    img_size: int | None = Field(None, gt=0, description="ViT input size; default loader.global_size")
+    patch_size: int | None = Field(None, gt=0)
+    embed_dim: int | None = Field(None, gt=0)
+    depth: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    mlp_ratio: float | None = Field(None, gt=0)
+    reg_tokens: int | None = Field(None, ge=0, description="ViT register tokens (Darcet et al.)")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    drop_path_uniform: bool = Field(True, description="DINOv2: the same drop-path rate in every block")
+    layerscale: float | None = Field(1e-5, description="ViT LayerScale init; null disables it")
+    stem: Literal["standard", "small_image"] = Field(
+        "standard", description="ConvNets: small_image = 3x3 stride-1 conv, no max-pool (32-64 px inputs)")
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="more timm.create_model arguments (e.g. channels, layers)")
 
 
-@dataclass
-class DinoConfig:
-    loss_weight: float = 1.0
-    n_prototypes: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    n_layers: int = 3
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
-    koleo_weight: float = 0.1  # KoLeo on the backbone CLS of global crops; 0 disables it
+class DinoConfig(Params):
+    loss_weight: float = Field(1.0, ge=0)
+    n_prototypes: int = Field(65536, gt=0)
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    n_layers: int = Field(3, gt=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    koleo_weight: float = Field(0.1, ge=0, description="KoLeo on the backbone CLS of global crops; 0: off")
 
 
-@dataclass
-class IbotConfig:
-    loss_weight: float = 1.0  # 0 disables iBOT (masks are then ignored)
+class IbotConfig(Params):
+    loss_weight: float = Field(1.0, ge=0, description="0 disables iBOT (masks are then ignored)")
     separate_head: bool = False
-    n_prototypes: int = 65536  # only used with separate_head
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    n_layers: int = 3
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    n_prototypes: int = Field(65536, gt=0, description="only with separate_head")
+    hidden_dim: int = Field(2048, gt=0)
+    bottleneck_dim: int = Field(256, gt=0)
+    n_layers: int = Field(3, gt=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
 
 
-@dataclass
-class TeacherConfig:
-    centering: str = "centering"  # or "sinkhorn_knopp"
-    sinkhorn_iterations: int = 3
-    momentum: float = 0.992
-    final_momentum: float = 1.0
-    temp: float = 0.07
-    warmup_temp: float = 0.04
-    warmup_temp_epochs: float = 30
+class TeacherConfig(Params):
+    """The EMA branch of every momentum method, and DINO's teacher targets."""
+
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    sinkhorn_iterations: int = Field(3, gt=0)
+    momentum: float = Field(0.992, ge=0, le=1)
+    final_momentum: float = Field(1.0, ge=0, le=1)
+    temp: float = Field(0.07, gt=0)
+    warmup_temp: float = Field(0.04, gt=0)
+    warmup_temp_epochs: Epochs = Field(30, ge=0)
 
 
-@dataclass
-class OptimConfig:
-    epochs: float = 100  # schedule length in epochs (fractions allowed: size it to the budget)
-    base_lr: float = 0.004
-    scaling_rule: str = "sqrt_wrt_1024"  # lr = base_lr * sqrt(global_batch / 1024)
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    clip_grad: float = 3.0  # 0 disables clipping
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
-    freeze_last_layer_epochs: float = 1
+class HeadConfig(Params):
+    """Projector (and predictor) MLPs of the two-view methods and SwAV."""
+
+    proj_hidden_dim: int = Field(2048, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    proj_layers: int = Field(2, ge=1)
+    pred_hidden_dim: int = Field(512, gt=0, description="BYOL / SimSiam / MoCo v3 predictor width")
+    batch_norm: bool = Field(True, description="BatchNorm in the hidden layers (as the papers)")
 
 
-@dataclass
-class RunConfig:
-    num_workers: int = 1
-    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has them
-    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers
-    fsdp: bool = False  # FSDP2 sharding (per block) instead of DDP: for models too large to replicate
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    max_steps: int | None = None  # stop after this global step (schedules keep their length)
-    epoch_length: int | None = None  # steps per epoch; None: from the dataset size
-    log_every: int = 1  # print a log line every N steps (rank 0)
-    report_every: int = 50  # ray.train.report (~2 s each) and a metrics/ part every N steps
-    checkpoint_every: int = 500  # checkpoint every N steps (and always at the end)
-    keep_checkpoints: int = 3
+class SimCLRConfig(Params):
+    temperature: float = Field(0.2, gt=0)
+
+
+class MocoConfig(Params):
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(4096, gt=0, description="MoCo v2 negatives kept from earlier batches")
+
+
+class SwAVConfig(Params):
+    n_prototypes: int = Field(512, gt=0)
+    temperature: float = Field(0.1, gt=0)
+    epsilon: float = Field(0.05, gt=0)
+    sinkhorn_iterations: int = Field(3, gt=0)
+    queue_size: int = Field(0, ge=0, description="earlier embeddings added to the Sinkhorn codes (small batches)")
+
+
+class VICRegConfig(Params):
+    inv_weight: float = Field(25.0, ge=0)
+    var_weight: float = Field(25.0, ge=0)
+    cov_weight: float = Field(1.0, ge=0)
+
+
+class BarlowTwinsConfig(Params):
+    lambda_offdiag: float = Field(5e-3, ge=0)
+
+
+class MAEConfig(Params):
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    decoder_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(2, gt=0)
+    decoder_heads: int = Field(4, gt=0)
+    norm_pix_loss: bool = True
+
+
+class OptimConfig(Params):
+    name: Literal["adamw", "sgd"] = "adamw"
+    epochs: Epochs = Field(100, gt=0, description="the recipe's length; warm-ups are fractions of it")
+    base_lr: float = Field(0.004, ge=0)
+    scaling_rule: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = "sqrt_wrt_1024"
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: Epochs = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
+    layerwise_decay: float = Field(0.9, ge=0, le=1)
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    freeze_last_layer_epochs: Epochs = Field(1, ge=0)
+
+
+def parse_duration(value: Any) -> float | None:
+    """``"15m"``, ``"90s"``, ``"1h30m"``, ``"1.5h"`` or a number of seconds -> seconds (None stays None)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None if value is None else float(value)
+    text = str(value).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|min|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration like 15m, 90s or 1h30m: {value!r}")
+    return sum(float(n) * {"h": 3600, "m": 60, "min": 60, "s": 1}[u] for n, u in parts)
+
+
+class RunConfig(Params):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | None = Field(None, description="null: use GPUs when the Ray cluster has them")
+    cpus_per_worker: float | None = Field(None, gt=0, description="null: the cluster's CPUs shared by the workers")
+    fsdp: bool = Field(False, description="FSDP2 sharding instead of DDP (models too large to replicate)")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    epochs: float | None = Field(None, gt=0, description="run length in epochs (default optim.epochs)")
+    max_steps: int | None = Field(None, ge=0, description="run length in optimiser steps; schedules fit it")
+    time_budget: float | None = Field(None, gt=0, description="wall-clock budget (15m, 1h, seconds): the run "
+                                                               "length is what fits, measured in the first steps")
+    stop_at_step: int | None = Field(None, ge=0, description="pause at this step (checkpoint; --resume continues)")
+    epoch_length: int | None = Field(None, gt=0, description="steps per epoch; null: from the dataset size")
+    log_every: int = Field(1, gt=0)
+    report_every: int = Field(50, gt=0, description="ray.train.report (~2 s each) and a metrics part every N steps")
+    checkpoint_every: int = Field(500, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
     seed: int = 0
-    torch_threads: int | None = None  # intra-op threads per worker; None: the worker's CPUs
+    torch_threads: int | None = Field(None, gt=0, description="intra-op threads per worker; null: its CPUs")
+    check_memory: bool = Field(True, description="estimate per-worker memory before starting workers")
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float | None:
+        return parse_duration(v)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Params):
     """The whole training recipe; see the module docstring for the sections."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
-    ibot: IbotConfig = field(default_factory=IbotConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True,
+                              arbitrary_types_allowed=True)
 
-    def __post_init__(self) -> None:
-        self.validate()
+    method: MethodName = "dinov2"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dino: DinoConfig = Field(default_factory=DinoConfig)
+    ibot: IbotConfig = Field(default_factory=IbotConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    simclr: SimCLRConfig = Field(default_factory=SimCLRConfig)
+    moco: MocoConfig = Field(default_factory=MocoConfig)
+    swav: SwAVConfig = Field(default_factory=SwAVConfig)
+    vicreg: VICRegConfig = Field(default_factory=VICRegConfig)
+    barlow_twins: BarlowTwinsConfig = Field(default_factory=BarlowTwinsConfig)
+    mae: MAEConfig = Field(default_factory=MAEConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
 
-    # -- checks -----------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise ``ConfigError`` naming the first option that cannot work."""
-        t, o, r, d, i = self.teacher, self.optim, self.run, self.dino, self.ibot
-        if t.centering not in CENTERING_MODES:
-            raise ConfigError(f"teacher.centering must be one of {CENTERING_MODES}, got {t.centering!r}")
-        if o.scaling_rule not in SCALING_RULES:
-            raise ConfigError(f"optim.scaling_rule must be one of {SCALING_RULES}, got {o.scaling_rule!r}")
-        if r.precision not in PRECISIONS:
-            raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
-        positive = {
-            "dino.n_prototypes": d.n_prototypes, "dino.hidden_dim": d.hidden_dim,
-            "dino.bottleneck_dim": d.bottleneck_dim, "dino.n_layers": d.n_layers,
-            "dino.student_temp": d.student_temp, "teacher.temp": t.temp,
-            "teacher.warmup_temp": t.warmup_temp, "teacher.sinkhorn_iterations": t.sinkhorn_iterations,
-            "optim.epochs": o.epochs, "run.num_workers": r.num_workers, "run.log_every": r.log_every,
-            "run.report_every": r.report_every, "run.checkpoint_every": r.checkpoint_every,
-            "run.keep_checkpoints": r.keep_checkpoints,
-        }
-        if i.separate_head:
-            positive.update({"ibot.n_prototypes": i.n_prototypes, "ibot.hidden_dim": i.hidden_dim,
-                             "ibot.bottleneck_dim": i.bottleneck_dim, "ibot.n_layers": i.n_layers})
-        for name, v in positive.items():
-            if not v > 0:
-                raise ConfigError(f"{name} must be > 0, got {v!r}")
-        for name, v in {"optim.warmup_epochs": o.warmup_epochs, "teacher.warmup_temp_epochs": t.warmup_temp_epochs,
-                        "optim.freeze_last_layer_epochs": o.freeze_last_layer_epochs, "optim.clip_grad": o.clip_grad,
-                        "optim.base_lr": o.base_lr, "optim.min_lr": o.min_lr,
-                        "dino.loss_weight": d.loss_weight, "dino.koleo_weight": d.koleo_weight,
-                        "ibot.loss_weight": i.loss_weight, "model.drop_path_rate": self.model.drop_path_rate}.items():
-            if not v >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {v!r}")
-        for name, v in {"optim.warmup_epochs": o.warmup_epochs, "teacher.warmup_temp_epochs": t.warmup_temp_epochs,
-                        "optim.freeze_last_layer_epochs": o.freeze_last_layer_epochs}.items():
-            if v > o.epochs:  # a warm-up cut short by the end of the run is almost never meant
-                raise ConfigError(f"{name} ({v}) exceeds optim.epochs ({o.epochs}); scale it with the run length")
-        for name, v in {"teacher.momentum": t.momentum, "teacher.final_momentum": t.final_momentum,
-                        "dino.center_momentum": d.center_momentum, "optim.layerwise_decay": o.layerwise_decay}.items():
-            if not 0 <= v <= 1:
-                raise ConfigError(f"{name} must be in [0, 1], got {v!r}")
-        if d.loss_weight == 0 and i.loss_weight == 0:
-            raise ConfigError("dino.loss_weight and ibot.loss_weight are both 0: nothing to train")
-        if r.max_steps is not None and r.max_steps < 0:
-            raise ConfigError(f"run.max_steps must be >= 0, got {r.max_steps}")
-        if r.cpus_per_worker is not None and r.cpus_per_worker <= 0:
-            raise ConfigError(f"run.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
+    @field_validator("loader", mode="before")
+    @classmethod
+    def _loader(cls, v: Any) -> LoaderConfig:
+        if isinstance(v, LoaderConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"must be a mapping of loader options, got {v!r}")
+        return LoaderConfig.from_dict(v)  # its ValueError names the option
+
+    @field_serializer("loader")
+    def _dump_loader(self, v: LoaderConfig) -> dict[str, Any]:
+        return {k: list(x) if isinstance(x, tuple) else x for k, x in asdict(v).items()}
 
     # -- derived ----------------------------------------------------------------
+    @property
+    def spec(self):
+        """The ``MethodSpec`` of ``method``."""
+        return get_method(self.method)
+
     def global_batch_size(self) -> int:
         """Images per optimiser step over all workers."""
         return self.loader.batch_size * self.run.num_workers
@@ -194,92 +249,90 @@ class TrainConfig:
         return self.optim.base_lr
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "TrainConfig":
-        """Build from a nested mapping (YAML); unknown sections/keys raise ``ConfigError``."""
-        d = dict(d or {})
-        sections = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(sections))
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "config") -> "TrainConfig":
+        """Validate a nested mapping (YAML) with the method's recipe under it; ``ConfigError`` names the field.
+
+        Each section is validated by its own model, so an unknown key lists that section's keys.
+        """
+        raw = with_method_defaults(dict(d or {}), where)
+        unknown = sorted(set(raw) - set(cls.model_fields))
         if unknown:
-            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}; known: {', '.join(sections)}")
-        kwargs: dict[str, Any] = {}
-        for name, f in sections.items():
-            value = d.get(name) or {}
-            if not isinstance(value, dict):
-                raise ConfigError(f"config section `{name}` must be a mapping, got {type(value).__name__}")
-            sub_cls = _SECTION_TYPES[name]
-            if sub_cls is LoaderConfig:
-                value = dict(value)
-                if "patch_size" not in value:
-                    # iBOT masks are per patch: default the loader's patch size to the model's.
-                    ps = _model_patch_hint(d.get("model") or {})
-                    if ps:
-                        value["patch_size"] = ps
-                ps = int(value.get("patch_size") or 0)
-                if ps and "local_size" not in value and LoaderConfig.local_size % ps:
-                    # DINOv2 pairs patch 14 with 98 px local crops (96 is no multiple of 14):
-                    # round the default to the nearest multiple instead of refusing it.
-                    value["local_size"] = max(ps, round(LoaderConfig.local_size / ps) * ps)
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: "
+                              f"{', '.join(cls.model_fields)}")
+        parts: dict[str, Any] = {"method": raw["method"]} if "method" in raw else {}
+        for name in SECTIONS:
+            model = cls.model_fields[name].annotation
+            if model is LoaderConfig:
                 try:
-                    kwargs[name] = LoaderConfig.from_dict(_coerce(name, LoaderConfig, value))
+                    parts[name] = LoaderConfig.from_dict(raw.get(name) or {})
                 except (TypeError, ValueError) as e:
-                    raise ConfigError(str(e)) from e
-                continue
-            known = {sf.name for sf in fields(sub_cls)}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise ConfigError(f"unknown option(s) in `{name}`: {', '.join(bad)}; known: {', '.join(sorted(known))}")
-            try:
-                kwargs[name] = sub_cls(**_coerce(name, sub_cls, value))
-            except TypeError as e:
-                raise ConfigError(f"config section `{name}`: {e}") from e
-        return cls(**kwargs)
+                    raise ConfigError(f"{where}: " + str(e).replace("LoaderConfig.", "loader.")) from None
+            else:
+                parts[name] = parse(model, raw.get(name) or {}, where, section=name)
+        cfg = parse(cls, parts, where)
+        check_recipe(cfg, where)
+        return cfg
 
 
-def _coerce(section: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Convert YAML scalars to the annotated field types; ``ConfigError`` names a value that does not fit.
+SECTIONS = tuple(n for n in TrainConfig.model_fields if n != "method")
 
-    YAML reads ``1e-3`` (no dot) as a string, and CLI overrides arrive as text.
-    """
-    types = {f.name: str(f.type) for f in fields(cls)}
-    out = dict(values)
-    for k, v in values.items():
-        t = types.get(k, "")
-        if v is None or not isinstance(v, (str, int, float)) or isinstance(v, bool) and "bool" in t:
-            continue
-        base = t.replace(" | None", "").replace("Optional[", "").rstrip("]").strip()
-        try:
-            if base == "float" and not isinstance(v, float):
-                out[k] = float(v)
-            elif base == "int" and not isinstance(v, int):
-                if isinstance(v, float) and not v.is_integer():
-                    raise ValueError
-                out[k] = int(float(v)) if isinstance(v, str) and v.strip().lower() not in ("", "none") else int(v)
-            elif base == "bool" and isinstance(v, str):
-                if v.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError
-                out[k] = v.lower() in ("true", "yes", "1")
-        except (TypeError, ValueError):
-            raise ConfigError(f"{section}.{k} must be {base}, got {v!r}") from None
+
+def check_recipe(cfg: TrainConfig, where: str = "config") -> None:
+    """Checks across sections (``ConfigError`` naming the options); model/method fit is checked
+    where the timm model is known (``models.resolve_config``)."""
+    o, t, spec = cfg.optim, cfg.teacher, cfg.spec
+    for name, v in {"optim.warmup_epochs": o.warmup_epochs, "teacher.warmup_temp_epochs": t.warmup_temp_epochs,
+                    "optim.freeze_last_layer_epochs": o.freeze_last_layer_epochs}.items():
+        if v > o.epochs:  # a warm-up longer than the recipe is never meant
+            raise ConfigError(f"{where}: {name} ({v}) exceeds optim.epochs ({o.epochs}); "
+                              "warm-ups are parts of the recipe's length")
+    if spec.family == "dino" and cfg.dino.loss_weight == 0 and cfg.ibot.loss_weight == 0:
+        raise ConfigError(f"{where}: dino.loss_weight and ibot.loss_weight are both 0: nothing to train")
+    if spec.batch_stats and cfg.loader.batch_size < 2:
+        raise ConfigError(f"{where}: loader.batch_size=1: method {cfg.method} ({spec.loss}) compares or "
+                          "normalises over the batch; use loader.batch_size >= 2")
+TOP_LEVEL = ("method",)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
 def _model_patch_hint(model: dict[str, Any]) -> int | None:
     """The patch size a model section implies: ``patch_size``, else ``patchNN`` in the timm name."""
-    import re
-
     if model.get("patch_size"):
         return int(model["patch_size"])
-    m = re.search(r"patch(\d+)", str(model.get("name") or ModelConfig.name))
+    m = re.search(r"patch(\d+)", str(model.get("name") or ModelConfig.model_fields["name"].default))
     return int(m.group(1)) if m else None
 
 
-_SECTION_TYPES = {
-    "model": ModelConfig, "dino": DinoConfig, "ibot": IbotConfig, "teacher": TeacherConfig,
-    "optim": OptimConfig, "run": RunConfig, "loader": LoaderConfig,
-}
+def with_method_defaults(raw: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """``raw`` over its method's recipe defaults, with the loader's patch size aligned to the model's."""
+    method = raw.get("method") or TrainConfig.model_fields["method"].default
+    if method not in METHODS:
+        raise ConfigError(f"{where}: method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    for name, sec in raw.items():
+        if name in SECTIONS and sec is not None and not isinstance(sec, dict):
+            raise ConfigError(f"{where}: `{name}` must be a mapping of options, got {sec!r}")
+    out = _merge(METHODS[method].defaults, {k: v for k, v in raw.items() if v is not None})
+    loader = dict(out.get("loader") or {})
+    if "patch_size" not in loader:
+        # iBOT masks are per patch: default the loader's patch size to the model's (ViTs only).
+        ps = _model_patch_hint(out.get("model") or {})
+        if ps:
+            loader["patch_size"] = ps
+    ps = int(loader.get("patch_size") or 0)
+    if ps and "local_size" not in loader and LoaderConfig.local_size % ps:
+        # DINOv2 pairs patch 14 with 98 px local crops (96 is no multiple of 14).
+        loader["local_size"] = max(ps, round(LoaderConfig.local_size / ps) * ps)
+    out["loader"] = loader
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -290,7 +343,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     path, _, raw = item.partition("=")
     parts = [p for p in path.strip().split(".") if p]
-    if len(parts) < 2:
+    if len(parts) < 2 and parts != ["method"]:
         raise ConfigError(f"override {item!r}: name a section and a key, e.g. optim.base_lr=1e-3")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
@@ -301,8 +354,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides onto a nested mapping (returns a new dict)."""
-    import copy
-
     out = copy.deepcopy(d)
     for item in overrides:
         parts, value = parse_override(item)
@@ -318,49 +369,34 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_raw(path: str | dict[str, Any] | None, overrides: list[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The config mapping of ``path`` (YAML file, local or ``s3://``; or a dict) with ``overrides`` applied."""
+    if path is None or isinstance(path, dict):
+        raw, where = dict(path or {}), "config"
+    else:
+        raw, where = load_yaml(path, "config file")
+    return apply_overrides(raw, list(overrides or [])), where
+
+
+def load_config(path: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML training config (local or ``s3://``), apply overrides, validate.
 
     With no ``path`` the DINOv2 defaults are used. Raises ``ConfigError`` for a
     malformed file, unknown keys or invalid values, naming the offender.
     """
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path:
-        from webcurate.shards import storage
-
-        try:
-            text = storage.read_bytes(path).decode("utf-8")
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model, dino, ...)")
-    data = apply_overrides(data, overrides or [])
-    return TrainConfig.from_dict(data)
+    raw, where = load_raw(path, overrides)
+    return TrainConfig.from_dict(raw, where)
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML (tuples written as lists), loadable by ``load_config``."""
+    """The whole resolved config as YAML, loadable by ``load_config`` into an equal config."""
     import yaml
 
-    def plain(x: Any) -> Any:
-        if is_dataclass(x):
-            return {k: plain(v) for k, v in asdict(x).items()}
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return yaml.safe_dump(plain(cfg), sort_keys=False)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = [
-    "TrainConfig", "ModelConfig", "DinoConfig", "IbotConfig", "TeacherConfig", "OptimConfig", "RunConfig",
-    "LoaderConfig", "load_config", "apply_overrides", "parse_override", "to_yaml", "ConfigError",
-]
+
+
+__all__ = ["TrainConfig", "ModelConfig", "DinoConfig", "IbotConfig", "TeacherConfig", "HeadConfig", "OptimConfig",
+           "RunConfig", "LoaderConfig", "load_config", "load_raw", "apply_overrides", "parse_override", "to_yaml",
+           "parse_duration", "with_method_defaults", "check_recipe", "ConfigError", "SECTIONS"]

@@ -5,14 +5,27 @@ import torch
 from torch import nn
 
 
+def teacher_mode(teacher: nn.Module) -> nn.Module:
+    """Eval mode (no drop-path or dropout) except BatchNorm layers, which use batch statistics.
+
+    That is how BYOL and MoCo run their target networks; with eval-mode BatchNorm a
+    ConvNet teacher would use running statistics it never updates.
+    """
+    teacher.eval()
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    return teacher
+
+
 def teacher_from_student(student: nn.Module) -> nn.Module:
-    """A frozen copy of ``student`` to serve as the EMA teacher (no gradients, eval mode)."""
+    """A frozen copy of ``student`` to serve as the EMA teacher (no gradients, ``teacher_mode``)."""
     import copy
 
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher.eval()
+    return teacher_mode(teacher)
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -43,4 +56,4 @@ class EMAUpdater:
         torch._foreach_add_(self.teacher_params, self.student_params, alpha=1.0 - momentum)
 
 
-__all__ = ["EMAUpdater", "teacher_from_student"]
+__all__ = ["EMAUpdater", "teacher_from_student", "teacher_mode"]

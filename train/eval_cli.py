@@ -6,7 +6,7 @@ import click
 _COMMON = [
     click.option("--checkpoint", required=True, metavar="PATH",
                  help="Backbone to evaluate: backbone.safetensors, a `webcurate train` checkpoint (file or "
-                      "folder) or run --output folder (its EMA teacher), or a torch state dict (needs --model)."),
+                      "folder) or run --output folder (the backbone it exported), or a torch state dict (needs --model)."),
     click.option("--train", "train_data", required=True, metavar="DATASET",
                  help="Labelled dataset (folder or s3://) whose `label` field (class name) gives the classes "
                       "the classifier learns from."),
@@ -40,7 +40,7 @@ def _features(checkpoint: str, train_data: str, val_data: str, model: str | None
     import torch
 
     from webcurate.train.evaluate import encode_labels, extract_features
-    from webcurate.train.export import load_backbone
+    from webcurate.train.export_backbone import load_backbone
 
     from webcurate.train.evaluate import EvalError
 

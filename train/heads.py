@@ -1,4 +1,4 @@
-"""DINO / iBOT projection heads (DINOv2's ``DINOHead``).
+"""Heads: DINO / iBOT prototype heads (DINOv2's ``DINOHead``) and the projector/predictor MLPs.
 
 An MLP (``n_layers`` linear layers, GELU between, hidden ``hidden_dim``) maps a
 token to a ``bottleneck_dim`` vector, which is L2-normalised and scored
@@ -68,4 +68,25 @@ def build_heads(embed_dim: int, dino_cfg, ibot_cfg) -> nn.ModuleDict:
     return heads
 
 
-__all__ = ["DINOHead", "build_heads"]
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2, batch_norm: bool = True,
+                   last_bn: bool = False) -> nn.Sequential:
+    """SimCLR/BYOL-style MLP: ``n_layers`` linear layers, BatchNorm + ReLU between them.
+
+    ``(B, in_dim) -> (B, out_dim)``; ``last_bn`` adds an affine-free BatchNorm at the
+    end (SimSiam's projector, Barlow Twins' normalised embeddings need it).
+    """
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(max(int(n_layers), 1) - 1):
+        layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.ReLU(inplace=True))
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+__all__ = ["DINOHead", "build_heads", "projection_mlp"]

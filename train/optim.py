@@ -6,9 +6,11 @@ Per parameter (DINOv2's ``get_params_groups_with_decay``):
   the embeddings (patch, position, CLS, mask token) ``decay ** (n_blocks + 1)``,
   everything after the blocks (final norm, registers, heads) 1;
 - ``patch_embed`` parameters are further multiplied by ``patch_embed_lr_mult``;
-- no weight decay on biases, norms and LayerScale gammas;
-- the heads' ``last_layer`` (prototypes) follows the last-layer lr schedule,
-  which is 0 during the first epoch(s).
+- no weight decay on biases, norms (LayerNorm, BatchNorm) and LayerScale gammas;
+- the heads' ``last_layer`` (DINO prototypes) and SwAV's ``prototypes`` follow
+  the last-layer lr schedule, which is 0 during the first epoch(s).
+
+AdamW (DINOv2) or SGD with momentum (the CIFAR recipes of the two-view methods).
 
 Parameters with equal (lr multiplier, wd multiplier, last-layer flag) share one
 group, in a deterministic order so optimizer state reloads onto the same groups.
@@ -40,7 +42,7 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float = 1.0,
     """
     fused: dict[tuple, dict] = {}
     for mod_name, module in modules.items():
-        blocks = getattr(getattr(module, "vit", module), "blocks", None)
+        blocks = getattr(getattr(module, "model", module), "blocks", None)  # ViT blocks (ConvNets: none)
         n_blocks = len(blocks) if blocks is not None else 0
         for name, p in module.named_parameters():
             if not p.requires_grad:
@@ -48,8 +50,10 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float = 1.0,
             lr_mult = layerwise_decay ** (n_blocks + 1 - _layer_id(name, n_blocks)) if n_blocks else 1.0
             if "patch_embed" in name:
                 lr_mult *= patch_embed_lr_mult
-            wd_mult = 0.0 if (name.endswith(".bias") or "norm" in name or "gamma" in name) else 1.0
-            last = "last_layer" in name
+            # 1-D parameters are biases, norm scales (LayerNorm, BatchNorm) and LayerScale gammas.
+            no_wd = p.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name
+            wd_mult = 0.0 if no_wd else 1.0
+            last = "last_layer" in name or mod_name == "prototypes"  # DINO's and SwAV's prototypes
             key = (lr_mult, wd_mult, last)
             g = fused.setdefault(key, {"params": [], "lr_multiplier": lr_mult, "wd_multiplier": wd_mult,
                                        "is_last_layer": last, "names": []})
@@ -58,9 +62,13 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float = 1.0,
     return list(fused.values())
 
 
-def build_optimizer(groups: list[dict], beta1: float = 0.9, beta2: float = 0.999) -> torch.optim.AdamW:
-    """AdamW over ``param_groups`` output; lr and weight decay are set each step by ``apply_schedule``."""
+def build_optimizer(groups: list[dict], beta1: float = 0.9, beta2: float = 0.999, *, name: str = "adamw",
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """AdamW (or SGD with ``momentum``) over ``param_groups`` output; lr and weight decay are set
+    each step by ``apply_schedule``."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, weight_decay=0.0, momentum=momentum, foreach=True)
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=(beta1, beta2), foreach=True)
 
 

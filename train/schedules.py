@@ -1,14 +1,18 @@
-"""Per-step schedules of the DINOv2 recipe (its ``CosineScheduler`` and ``build_schedulers``).
+"""Per-step schedules (DINOv2's ``CosineScheduler`` and ``build_schedulers``), sized to the run's plan.
 
-All schedules are indexed by the global optimiser step and sized in epochs x
-``epoch_length`` steps, so a short CPU run gets complete warm-ups and decays:
+All schedules are indexed by the global optimiser step and span the run's
+planned length (``plan.Plan.total_steps``). Every epoch-valued setting of the
+recipe is a *fraction of the recipe's length* ``optim.epochs``: a warm-up of 10
+epochs in a 100-epoch recipe is the first 10 % of the run, whether the run is
+100 epochs, 3 epochs or what fits in 15 minutes. So a short run still gets
+complete warm-ups and decays:
 
-- lr: linear warm-up from 0 over ``warmup_epochs``, then cosine to ``min_lr``;
-- last-layer lr: the lr schedule, 0 during ``freeze_last_layer_epochs``;
+- lr: linear warm-up from 0 over ``optim.warmup_epochs``, then cosine to ``min_lr``;
+- last-layer lr (DINO and SwAV prototypes): the lr schedule, 0 during ``freeze_last_layer_epochs``;
 - weight decay: cosine from ``weight_decay`` to ``weight_decay_end``;
-- teacher momentum: cosine from ``momentum`` (0.992) to ``final_momentum`` (1);
-- teacher temperature: linear warm-up ``warmup_temp`` (0.04) -> ``temp`` (0.07)
-  over ``warmup_temp_epochs``, then constant.
+- EMA momentum: cosine from ``teacher.momentum`` to ``teacher.final_momentum``;
+- DINO teacher temperature: linear warm-up ``warmup_temp`` -> ``temp`` over
+  ``warmup_temp_epochs``, then constant.
 
 Past the end every schedule holds its final value.
 """
@@ -59,25 +63,21 @@ class StepValues:
 
 
 class Schedules:
-    """All schedules of a run; ``at(step)`` gives the ``StepValues`` of that global step."""
+    """All schedules of a run of ``total_steps``; ``at(step)`` gives that step's ``StepValues``."""
 
-    def __init__(self, *, epoch_length: int, epochs: float, peak_lr: float, min_lr: float, warmup_epochs: float,
-                 weight_decay: float, weight_decay_end: float, momentum: float, final_momentum: float,
-                 teacher_temp: float, warmup_teacher_temp: float, warmup_teacher_temp_epochs: float,
-                 freeze_last_layer_epochs: float):
-        if epoch_length <= 0:
-            raise ValueError(f"epoch_length must be > 0, got {epoch_length}")
-        total = max(1, round(epochs * epoch_length))
+    def __init__(self, *, total_steps: int, peak_lr: float, min_lr: float, warmup_steps: int, weight_decay: float,
+                 weight_decay_end: float, momentum: float, final_momentum: float, teacher_temp: float,
+                 warmup_teacher_temp: float, warmup_teacher_temp_steps: int, freeze_last_layer_steps: int):
+        total = max(1, int(total_steps))
         self.total_steps = total
-        self.epoch_length = int(epoch_length)
-        warm = min(round(warmup_epochs * epoch_length), total)
+        warm = min(int(warmup_steps), total)
         self.lr = CosineSchedule(peak_lr, min_lr, total, warmup_iters=warm, start_warmup_value=0.0)
         self.last_layer_lr = CosineSchedule(peak_lr, min_lr, total, warmup_iters=warm, start_warmup_value=0.0)
-        freeze = min(round(freeze_last_layer_epochs * epoch_length), total)
+        freeze = min(int(freeze_last_layer_steps), total)
         self.last_layer_lr.schedule[:freeze] = 0.0  # as DINOv2: the prototypes stay put while the rest settles
         self.wd = CosineSchedule(weight_decay, weight_decay_end, total)
         self.momentum = CosineSchedule(momentum, final_momentum, total)
-        t_warm = min(round(warmup_teacher_temp_epochs * epoch_length), total)
+        t_warm = min(int(warmup_teacher_temp_steps), total)
         # DINOv2 sizes this one to the warm-up only: after it, the final value holds.
         self.teacher_temp = CosineSchedule(teacher_temp, teacher_temp, max(t_warm, 1), warmup_iters=t_warm,
                                            start_warmup_value=warmup_teacher_temp) if t_warm else None
@@ -89,14 +89,20 @@ class Schedules:
                           momentum=self.momentum[step], teacher_temp=tt)
 
     @classmethod
-    def from_config(cls, cfg, epoch_length: int) -> "Schedules":
-        """Schedules of a ``TrainConfig`` for ``epoch_length`` steps per epoch."""
+    def from_config(cls, cfg, total_steps: int) -> "Schedules":
+        """Schedules of a ``TrainConfig`` over a run of ``total_steps``: every epoch-valued setting
+        becomes the same fraction of the run as of the recipe's ``optim.epochs``."""
         o, t = cfg.optim, cfg.teacher
-        return cls(epoch_length=epoch_length, epochs=o.epochs, peak_lr=cfg.scaled_lr(), min_lr=o.min_lr,
-                   warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-                   momentum=t.momentum, final_momentum=t.final_momentum, teacher_temp=t.temp,
-                   warmup_teacher_temp=t.warmup_temp, warmup_teacher_temp_epochs=t.warmup_temp_epochs,
-                   freeze_last_layer_epochs=o.freeze_last_layer_epochs)
+        total = max(1, int(total_steps))
+
+        def steps(epochs: float) -> int:
+            return round(total * epochs / o.epochs)
+
+        return cls(total_steps=total, peak_lr=cfg.scaled_lr(), min_lr=o.min_lr, warmup_steps=steps(o.warmup_epochs),
+                   weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end, momentum=t.momentum,
+                   final_momentum=t.final_momentum, teacher_temp=t.temp, warmup_teacher_temp=t.warmup_temp,
+                   warmup_teacher_temp_steps=steps(t.warmup_temp_epochs),
+                   freeze_last_layer_steps=steps(o.freeze_last_layer_epochs))
 
 
 __all__ = ["CosineSchedule", "Schedules", "StepValues"]

@@ -1,4 +1,4 @@
-"""ViT backbone wrapper, DINO head, and backbone export/loading."""
+"""Backbone wrappers (ViT, ConvNet with the small-image stem), DINO head, and backbone export/loading."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import torch
 from webcurate.shards.errors import ConfigError
 from webcurate.train.backbone import build_backbone
 from webcurate.train.config import DinoConfig, IbotConfig, ModelConfig
-from webcurate.train.export import export_backbone, load_backbone, read_metadata
+from webcurate.shards.backbone_format import read_metadata
+from webcurate.train.export_backbone import export_backbone, load_backbone
 from webcurate.train.heads import DINOHead, build_heads
 
 TINY = dict(name="vit_tiny_patch16_224", patch_size=8, embed_dim=64, depth=2, num_heads=2, drop_path_rate=0.0)
@@ -29,7 +30,7 @@ def test_backbone_returns_cls_and_patch_tokens_matching_timm():
     x = images(3)
     out = bb(x)
     assert out["cls"].shape == (3, 64) and out["patch"].shape == (3, 16, 64) and out["reg"].shape == (3, 0, 64)
-    assert torch.allclose(out["cls"], bb.vit(x), atol=1e-6)  # timm's pooled output is the same CLS
+    assert torch.allclose(out["cls"], bb.model(x), atol=1e-6)  # timm's pooled output is the same CLS
 
 
 def test_masked_patches_ignore_their_pixels():
@@ -76,8 +77,8 @@ def test_layerscale_and_uniform_drop_path_follow_the_config():
     from timm.layers import DropPath
 
     bb = build_backbone(tiny(drop_path_rate=0.2, layerscale=1e-5), 32)
-    assert all(isinstance(b.drop_path1, DropPath) and b.drop_path1.drop_prob == 0.2 for b in bb.vit.blocks)
-    assert torch.allclose(bb.vit.blocks[0].ls1.gamma, torch.full((64,), 1e-5))
+    assert all(isinstance(b.drop_path1, DropPath) and b.drop_path1.drop_prob == 0.2 for b in bb.model.blocks)
+    assert torch.allclose(bb.model.blocks[0].ls1.gamma, torch.full((64,), 1e-5))
     plain = build_backbone(tiny(layerscale=None), 32)
     assert not any("gamma" in n for n, _ in plain.named_parameters())
 
@@ -104,7 +105,7 @@ def test_exported_safetensors_load_in_stock_timm(tmp_path):
 
     torch.manual_seed(0)
     bb = build_backbone(tiny(reg_tokens=1), 32).eval()
-    path = export_backbone(bb, str(tmp_path / "backbone.safetensors"))
+    path = export_backbone(_Holder(bb), str(tmp_path / "backbone.safetensors"))
     meta = read_metadata(path)
     model = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"])).eval()
     model.load_state_dict(load_file(path))  # stock timm + safetensors, from the local file only
@@ -120,18 +121,52 @@ def test_load_backbone_from_plain_state_dict_needs_a_model_name(tmp_path):
     torch.manual_seed(0)
     bb = build_backbone(tiny(), 32).eval()
     p = tmp_path / "sd.pt"
-    torch.save({"model": {f"module.backbone.vit.{k}": v for k, v in bb.vit.state_dict().items()}}, p)
+    torch.save({"model": {f"module.backbone.model.{k}": v for k, v in bb.model.state_dict().items()}}, p)
     with pytest.raises(ValueError, match="pass model_name"):
         load_backbone(str(p))
     # A bare name gets timm's default architecture: the tiny weights do not fit it, and the error says so.
     with pytest.raises(ValueError, match="does not fit"):
         load_backbone(str(p), model_name="vit_small_patch16_224")
-    torch.save({k: v for k, v in bb.vit.state_dict().items()}, p)
-    from webcurate.train.export import _from_state
 
-    model = _from_state(torch.load(p, weights_only=True), "vit_tiny_patch16_224", bb.model_kwargs, str(p)).eval()
+
+def test_small_image_resnet_exports_through_the_contract_and_loads_in_stock_timm(tmp_path):
+    import timm
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="resnet18", stem="small_image", drop_path_rate=0.0,
+                      timm_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8})
+    bb = build_backbone(cfg, 32).eval()
+    assert bb.kind == "convnet" and bb.embed_dim == 64 and bb.model.conv1.stride == (1, 1)
+    path = export_backbone(_Holder(bb), str(tmp_path / "backbone.safetensors"),
+                           extra={"method": "byol"})
+    meta = read_metadata(path)
+    assert meta["stem"] == "small_image" and meta["image_size"] == "32" and meta["method"] == "byol"
+    stock = timm.create_model(meta["model_name"], pretrained=False, **json.loads(meta["model_kwargs"]))
+    stock.conv1 = torch.nn.Conv2d(3, stock.conv1.out_channels, 3, 1, 1, bias=False)  # the documented stem patch
+    stock.maxpool = torch.nn.Identity()
+    stock.load_state_dict(load_file(path))
+    x = images(2)
     with torch.no_grad():
-        assert torch.allclose(model(images(1)), bb(images(1))["cls"], atol=1e-6)
+        assert torch.allclose(stock.eval()(x), bb(x)["cls"], atol=1e-6)
+        loaded = load_backbone(str(tmp_path))  # a run folder: its backbone.safetensors
+        assert torch.allclose(loaded(x), bb(x)["cls"], atol=1e-6)
+    assert loaded.webcurate_info["image_size"] == 32 and loaded.webcurate_info["dim"] == 64
+
+
+def test_vit_options_on_a_convnet_and_a_convnet_stem_on_a_vit_are_config_errors():
+    with pytest.raises(ConfigError, match="model.patch_size is a ViT option"):
+        build_backbone(ModelConfig(name="resnet18", patch_size=4), 32)
+    with pytest.raises(ConfigError, match="model.stem=small_image is a ConvNet option"):
+        build_backbone(tiny(stem="small_image"), 32)
+
+
+class _Holder(torch.nn.Module):
+    """The smallest training wrapper: what ``export_backbone`` reads (``.backbone``)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
 
 
 def test_load_backbone_missing_file_is_file_not_found(tmp_path):

@@ -118,14 +118,13 @@ def test_eval_cli_reports_knn_and_linear_accuracy_of_a_checkpoint(tmp_path):
     from click.testing import CliRunner
 
     from webcurate.train.eval_cli import eval_group
-    from webcurate.train.export import backbone_metadata, save_safetensors
+    from webcurate.shards.backbone_format import BackboneMeta, write_backbone
 
     train = labelled_dataset(str(tmp_path / "train"), 8, seed=1)
     val = labelled_dataset(str(tmp_path / "val"), 4, seed=2)
     model, kwargs = tiny_vit()
     ckpt = str(tmp_path / "backbone.safetensors")
-    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt,
-                     backbone_metadata("vit_tiny_patch16_224", kwargs))
+    write_backbone(model.state_dict(), BackboneMeta("vit_tiny_patch16_224", kwargs, 32), ckpt)
     runner = CliRunner()
     out_json = tmp_path / "knn.json"
     res = runner.invoke(eval_group, ["knn", "--checkpoint", ckpt, "--train", train, "--val", val, "--k", "5",

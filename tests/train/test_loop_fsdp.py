@@ -14,8 +14,9 @@ WORKER = textwrap.dedent("""
     rank, tmp = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
+    from webcurate.train.checkpoint import training_state
     from webcurate.train.config import load_config
-    from webcurate.train.loop import prepare_models, training_state
+    from webcurate.train.models import prepare_models
     from webcurate.train.schedules import Schedules
     from webcurate.train.step import TrainStep
     TINY = ["model.name=vit_tiny_patch16_224", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
@@ -34,21 +35,23 @@ WORKER = textwrap.dedent("""
     for fsdp in (False, True):
         cfg = load_config(None, TINY + [f"run.fsdp={str(fsdp).lower()}"])
         sched = Schedules.from_config(cfg, 10)
-        model, s, t, opt, dl, il, ema = prepare_models(cfg, dev, distributed=True)
-        step = TrainStep(cfg, model, s, t, opt, dl, il, dev, ema=ema)
+        tr = prepare_models(cfg, dev, distributed=True)
+        step = TrainStep(cfg, tr.model, tr.student, tr.teacher, tr.optimizer, tr.objective, dev, ema=tr.ema)
         losses = [float(step(batch(i), sched.at(i + 2))["loss"]) for i in range(2)]
-        state = copy.deepcopy(training_state(cfg, s, t, opt, dl, il))  # DDP's state dicts alias live weights
+        state = copy.deepcopy(training_state(cfg, tr))  # DDP's state dicts alias live weights
         saved = {k: {n: v.clone() for n, v in state[k].items()} for k in ("student", "teacher")} if rank == 0 else {}
         # Continue in the same models, and in fresh models restored from the state: same third step.
         cont = float(step(batch(2), sched.at(4))["loss"])
-        model2, s2, t2, o2, d2, i2, e2 = prepare_models(cfg, dev, distributed=True, state=state)
-        restored = float(TrainStep(cfg, model2, s2, t2, o2, d2, i2, dev, ema=e2)(batch(2), sched.at(4))["loss"])
+        t2 = prepare_models(cfg, dev, distributed=True, state=state)
+        restored = float(TrainStep(cfg, t2.model, t2.student, t2.teacher, t2.optimizer, t2.objective, dev,
+                                   ema=t2.ema)(batch(2), sched.at(4))["loss"])
         out[fsdp] = {"losses": losses, "cont": cont, "restored": restored, **saved}
     # Without iBOT the mask token takes no part: DDP must not wait for its gradient.
     cfg = load_config(None, TINY + ["ibot.loss_weight=0"])
-    model, s, t, opt, dl, il, ema = prepare_models(cfg, dev, distributed=True)
-    out["no_ibot"] = [float(TrainStep(cfg, model, s, t, opt, dl, il, dev, ema=ema)(batch(i), Schedules.from_config(
-        cfg, 10).at(i))["loss"]) for i in range(2)]
+    tr = prepare_models(cfg, dev, distributed=True)
+    out["no_ibot"] = [float(TrainStep(cfg, tr.model, tr.student, tr.teacher, tr.optimizer, tr.objective, dev,
+                                      ema=tr.ema)(batch(i), Schedules.from_config(cfg, 10).at(i))["loss"])
+                      for i in range(2)]
     if rank == 0:
         torch.save(out, f"{tmp}/out.pt")
     dist.barrier()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from webcurate.train.config import load_config
-from webcurate.train.loop import build_models
+from webcurate.train.models import build_models
 from webcurate.train.optim import build_optimizer, param_groups
 from webcurate.train.schedules import Schedules
 from webcurate.train.step import TrainStep
@@ -33,9 +33,9 @@ def one_thread():
 def make_step(overrides, seed=0):
     cfg = load_config(None, TINY + list(overrides))
     torch.manual_seed(seed)
-    student, teacher, dino_loss, ibot_loss = build_models(cfg, torch.device("cpu"))
+    student, teacher, objective = build_models(cfg, torch.device("cpu"))
     opt = build_optimizer(param_groups(student.submodules(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult))
-    return cfg, TrainStep(cfg, student, student, teacher, opt, dino_loss, ibot_loss, torch.device("cpu"))
+    return cfg, TrainStep(cfg, student, student, teacher, opt, objective, torch.device("cpu"))
 
 
 def fixed_batch(B=8, n_local=3, seed=1):

@@ -9,7 +9,7 @@ from webcurate.shards import storage
 
 
 def _metrics(output):
-    from webcurate.train.loop import read_metrics
+    from webcurate.train.metrics import read_metrics
 
     return read_metrics(output)
 
@@ -26,8 +26,8 @@ def test_resumed_two_worker_run_on_s3_sees_the_same_batches_and_weights(s3_bucke
                                                                           train_helpers):
     from webcurate.shards.ingest import ingest_folder
     from webcurate.train.config import load_config
-    from webcurate.train.export import load_backbone
-    from webcurate.train.loop import train
+    from webcurate.train.driver import train
+    from webcurate.train.export_backbone import load_backbone
 
     src = train_helpers.image_tree(str(tmp_path / "images"))
     local = str(tmp_path / "dataset")
@@ -45,8 +45,9 @@ def test_resumed_two_worker_run_on_s3_sees_the_same_batches_and_weights(s3_bucke
     train(data, whole, load_config(None, tiny + ["run.max_steps=4"]), quiet=True)
 
     cut = f"{s3_bucket}/run-cut"
-    train(data, cut, load_config(None, tiny + ["run.max_steps=2"]), quiet=True)
+    train(data, cut, load_config(None, tiny + ["run.max_steps=4", "run.stop_at_step=2"]), quiet=True)
     assert [r["step"] for r in _metrics(cut)] == [1, 2]
+    assert not storage.exists(storage.join(cut, "backbone.safetensors"))  # paused, not finished
     summary = train(data, cut, load_config(None, tiny + ["run.max_steps=4"]), resume=True, quiet=True)
     assert summary["step"] == 4
 
@@ -64,7 +65,8 @@ def test_resumed_two_worker_run_on_s3_sees_the_same_batches_and_weights(s3_bucke
     for part in ("student", "teacher"):
         for k, v in sa[part].items():
             assert torch.allclose(v, sb[part][k], atol=1e-6), f"{part}.{k} differs after resume"
-    assert torch.allclose(sa["dino_loss"]["center"], sb["dino_loss"]["center"], atol=1e-6)
+    assert torch.allclose(sa["objective"]["dino_loss.center"], sb["objective"]["dino_loss.center"], atol=1e-6)
+    assert sa["plan"]["total_steps"] == 4 and sa["plan"]["source"] == "run.max_steps"
 
     # The exported teacher backbone on S3 loads as a plain timm model.
     local = storage.copy_to_local(storage.join(cut, "backbone.safetensors"), str(tmp_path / "bb.safetensors"))
