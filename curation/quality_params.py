@@ -42,8 +42,9 @@ class FilterParams(Params):
                                       description="low_information: luma histogram entropy below this (bits, 0..8).")
     min_blur: float | None = Field(25.0, ge=0,
                                    description="blurry: variance of the Laplacian below this (image fit to 256 px).")
-    max_noise: float | None = Field(0.8, ge=0, le=2,
-                                    description="noise: 1 - neighbour-pixel correlation above this (photos ~0.1).")
+    max_noise: float | None = Field(0.6, ge=0, le=2,
+                                    description="noise / text: 1 - neighbour-pixel correlation above this (photos "
+                                                "~0.1, 32 px ones up to 0.5; pixel noise and small text higher).")
     min_colorfulness: float | None = Field(None, ge=0, le=255,
                                            description="grayscale: mean max-min channel spread below this "
                                                        "(off by default; 2 drops grayscale images).")
