@@ -1,11 +1,12 @@
-"""Snorkel as the peer, in its own virtualenv, called in a subprocess.
+"""Snorkel as the peer, called in a subprocess.
 
-Snorkel 0.10 needs torch; its venv gets the CPU-only ``torch==2.13.0+cpu``
-wheel from local disk (pip's find-links), never a CUDA build. The venv lives
-in bench/_work/snorkel-venv and is made on first use (about 1.4 GB, a few
-minutes). ``run_snorkel`` writes the label matrix to .npy, runs
-``bench/_snorkel_worker.py`` inside that venv, and reads back probabilities
-and predictions.
+Snorkel 0.10 is in the project's test extra (it accepts our pinned torch), so
+the project's own interpreter runs it when it imports; otherwise a venv is
+made in bench/_work/snorkel-venv on first use with the CPU-only
+``torch==2.13.0+cpu`` wheel from local disk (about 1.4 GB, a few minutes).
+``run_snorkel`` writes the label matrix to .npy, runs
+``bench/_snorkel_worker.py`` in a separate process (its own torch threads),
+and reads back probabilities and predictions.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ WORKER = os.path.join(HERE, "_snorkel_worker.py")
 
 
 def ensure_venv(verbose: bool = True) -> str | None:
-    """Path of the venv's python with snorkel importable, or None (with the reason printed)."""
+    """Path of a python with snorkel importable (ours first, else the bench venv), or None."""
+    if subprocess.run([sys.executable, "-c", "import snorkel, torch"], capture_output=True).returncode == 0:
+        return sys.executable
     if os.path.exists(PY):
         ok = subprocess.run([PY, "-c", "import snorkel, torch"], capture_output=True).returncode == 0
         if ok:

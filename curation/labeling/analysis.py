@@ -95,12 +95,15 @@ def lf_stats(
 
 
 def dev_labels(labels: Sequence[str | None], classes: Sequence[str], *, where: str = "dev dataset",
-               field: str = "label") -> np.ndarray:
-    """Class names of a labelled dev set -> (n,) indices (-1 where unlabelled).
+               field: str = "label", none_label: str | None = None) -> np.ndarray:
+    """Class names of a labelled dev set -> (n,) indices (-1 where unlabelled or ``none_label``,
+    the mark of "none of these" examples, which only open-set rejection uses).
 
     Raises ``ConfigError`` naming the field and the unknown names.
     """
     index = {c: i for i, c in enumerate(classes)}
+    if none_label is not None and none_label not in index:  # a class may be called "none"
+        labels = [None if x == none_label else x for x in labels]
     unknown = sorted({x for x in labels if x is not None and x not in index})
     if unknown:
         raise ConfigError(f"{where}: field `{field}` has class names not in the class list {list(classes)}: "

@@ -34,6 +34,8 @@ class LabelParams(Params):
                                                  "pseudo_labels.parquet, label_model.json).")
     dev: str | None = Field(None, description="Labelled dataset (`label` = class name) for empirical LF "
                                               "accuracy and calibration.")
+    none_label: str = Field("none", description="Dev-set label of samples that belong to no class (left out of "
+                                                "the dev accuracy; `webcurate selftrain` learns to reject them).")
     # `str` in the union makes the CLI take one comma-separated value; the validator makes it a list.
     classes: list[str] | str | None = Field(None, description="Class names A,B,C in class-index order (else "
                                                               "`classes:` of --config, else CLASSES in the LF file).")
@@ -47,9 +49,9 @@ class LabelParams(Params):
                           "when present); columns of other stages appear as <stage>_<column>.")
     workers: int | None = Field(None, ge=1, description="Shard tasks in flight (default: Ray's CPUs).")
     model: Literal["labelmodel", "majority", "auto"] = Field(
-        "labelmodel", description="labelmodel: learns LF accuracies and LF copies without labels; majority: "
-                                  "majority vote (ties to the more frequent class); auto: whichever is more "
-                                  "accurate on --dev.")
+        "auto", description="labelmodel: learns LF accuracies and LF copies without labels; majority: majority "
+                            "vote (ties to the more frequent class); auto: the label model where it is shown "
+                            "better than majority vote (on --dev, else by held-out LF agreement), else majority.")
     min_confidence: float = Field(0.0, ge=0, le=1,
                                   description="Export only samples whose label probability is at least this.")
     per_class_cap: int | None = Field(None, ge=0, description="Export at most this many samples per class (the "

@@ -25,7 +25,7 @@ from webcurate.shards.errors import ConfigError
 from webcurate.shards.params import load_yaml, parse
 from webcurate.shards.dataset import Dataset, DatasetError
 
-from . import analysis, apply as apply_mod, pseudo_dataset
+from . import analysis, apply as apply_mod, model_choice, pseudo_dataset
 from .label_model import LabelModel, MajorityVote, check_label_matrix
 from .lf import ABSTAIN, LFError, LFSet, load_lf_file, resolve_classes
 from .params import LABEL_MODELS, LabelParams
@@ -85,8 +85,10 @@ def check_errors(summary: apply_mod.ApplySummary, max_error_rate: float, where: 
 
 
 def dev_votes(dev_uri: str, lfset: LFSet, classes: list[str], workers: int | None,
-              max_error_rate: float, sidecars: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Votes (n_dev, m) of the LFs on the dev dataset and its true classes (n_dev,)."""
+              max_error_rate: float, sidecars: Sequence[str] | None = None,
+              none_label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Votes (n_dev, m) of the LFs on the dev dataset and its true classes (n_dev,; -1 for
+    unlabelled and ``none_label`` samples)."""
     dev = Dataset(dev_uri)
     summ = apply_mod.apply_lfs(dev, lfset, classes, sidecars=sidecars, workers=workers, summary=False)
     check_errors(summ, max_error_rate, f"dev dataset {dev_uri}")
@@ -95,7 +97,8 @@ def dev_votes(dev_uri: str, lfset: LFSet, classes: list[str], workers: int | Non
     if "label" not in index.column_names:
         raise ConfigError(f"dev dataset {dev_uri} has no `label` field")
     label_of = dict(zip(index.column("key").to_pylist(), index.column("label").to_pylist()))
-    y = analysis.dev_labels([label_of.get(k) for k in votes.keys], classes, where=f"dev dataset {dev_uri}")
+    y = analysis.dev_labels([label_of.get(k) for k in votes.keys], classes, where=f"dev dataset {dev_uri}",
+                            none_label=none_label)
     return votes.L, y
 
 
@@ -123,24 +126,35 @@ def run_label(input_uri: str, lfs_path: str, output_uri: str | None = None, *, q
 
 def _fit_and_compare(p: LabelParams, L: np.ndarray, lfset: LFSet, cls: list[str],
                      L_dev: np.ndarray | None, y_dev: np.ndarray | None) -> tuple[Any, str, dict[str, Any]]:
-    """Fit the chosen model; with a dev set calibrate it, compare it with majority vote and
-    (``auto``) keep the more accurate. Returns (model, its name, dev summary)."""
-    chosen = "labelmodel" if p.model == "auto" else p.model
-    m = make_model(chosen, len(cls), p.class_balance).fit(L, lfset.names)
+    """Fit the chosen model; with a dev set calibrate it and compare it with majority vote.
+
+    ``auto`` keeps the label model only where it is shown better than majority
+    vote (``model_choice``: on the dev set, else by held-out LF agreement) and
+    records which it chose and why. Returns (model, its name, dev summary).
+    """
+    K = len(cls)
+    has_dev = L_dev is not None and y_dev is not None and bool(np.any(L_dev != ABSTAIN))
     dev: dict[str, Any] = {}
-    if L_dev is not None and y_dev is not None:
-        if isinstance(m, LabelModel) and np.any(L_dev != ABSTAIN):
-            dev["temperature"] = m.calibrate(L_dev, y_dev)
-        mv = MajorityVote(len(cls), class_balance=m.class_balance).fit(L, lfset.names)
-        for name, mod in ((chosen, m), ("majority", mv)):
-            acc, cov = accuracy(mod.predict(L_dev) if np.any(L_dev != ABSTAIN) else
-                                np.full(len(y_dev), ABSTAIN), y_dev)
-            dev[f"{name}_accuracy"], dev[f"{name}_coverage"] = acc, cov
-        if p.model == "auto" and (dev.get("majority_accuracy") or 0) > (dev.get("labelmodel_accuracy") or 0):
-            # The LFs break the label model's assumptions here; the dev set says so.
-            m, chosen = mv, "majority"
+    chosen = p.model
     if p.model == "auto":
-        dev["chosen_model"] = chosen if p.dev else "labelmodel (no --dev to compare with)"
+        chosen = "labelmodel"
+        if not has_dev:
+            chosen, evidence = model_choice.choose_without_dev(L, K, p.class_balance)
+            dev.update(chosen_model=chosen, chosen_by="held-out LF agreement (no dev set)",
+                       **{f"held_out_{k}": v for k, v in evidence.items()})
+    m = make_model(chosen, K, p.class_balance).fit(L, lfset.names)
+    if L_dev is not None and y_dev is not None:
+        if isinstance(m, LabelModel) and has_dev:
+            dev["temperature"] = m.calibrate(L_dev, y_dev)
+        mv = MajorityVote(K, class_balance=m.class_balance).fit(L, lfset.names)
+        for name, mod in ((chosen, m), ("majority", mv)):
+            acc, cov = accuracy(mod.predict(L_dev) if has_dev else np.full(len(y_dev), ABSTAIN), y_dev)
+            dev[f"{name}_accuracy"], dev[f"{name}_coverage"] = acc, cov
+        if p.model == "auto" and has_dev:
+            chosen = model_choice.choose_with_dev(dev.get("labelmodel_accuracy"), dev.get("majority_accuracy"))
+            dev.update(chosen_model=chosen, chosen_by="dev accuracy")
+            if chosen == "majority":  # the LFs break the label model's assumptions here; the dev set says so
+                m = mv
     return m, chosen, dev
 
 
@@ -160,7 +174,7 @@ def label_dataset(p: LabelParams, *, quiet: bool = False) -> LabelRun:
     L = check_label_matrix(votes.L, len(cls), lfset.names)
     L_dev = y_dev = None
     if p.dev:
-        L_dev, y_dev = dev_votes(p.dev, lfset, cls, p.workers, p.max_lf_error_rate, p.sidecars)
+        L_dev, y_dev = dev_votes(p.dev, lfset, cls, p.workers, p.max_lf_error_rate, p.sidecars, p.none_label)
     m, chosen, dev = _fit_and_compare(p, L, lfset, cls, L_dev, y_dev)
     probs = m.predict_proba(L)
     pred = m.predict(L)

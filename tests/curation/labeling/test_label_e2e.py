@@ -188,8 +188,10 @@ def test_auto_model_takes_the_more_accurate_on_dev(pets, seed_and_dev, tmp_path,
     root, _ = pets
     seed, dev = seed_and_dev
     run = run_label(root, seeded_lfs(tmp_path, seed), None, dev=dev, model="auto", quiet=True)
-    best = "majority" if run.dev["majority_accuracy"] > run.dev["labelmodel_accuracy"] else "labelmodel"
-    assert run.dev["chosen_model"] == best
+    best = "labelmodel" if run.dev["labelmodel_accuracy"] > run.dev["majority_accuracy"] else "majority"
+    assert run.dev["chosen_model"] == best and run.dev["chosen_by"] == "dev accuracy"
     assert type(run.model).__name__ == {"majority": "MajorityVote", "labelmodel": "LabelModel"}[best]
     run = run_label(root, seeded_lfs(tmp_path, seed), None, model="auto", quiet=True)
-    assert run.dev["chosen_model"].startswith("labelmodel (no --dev")
+    assert run.dev["chosen_by"].startswith("held-out LF agreement")
+    z = run.dev["held_out_z"]
+    assert run.dev["chosen_model"] == ("labelmodel" if z > 2 else "majority")

@@ -195,3 +195,16 @@ def test_many_one_class_lfs_on_few_items_do_not_collapse_the_classes(n, seed, de
     assert m.class_balance.max() < 0.5
     np.testing.assert_allclose(m.class_balance, 0.1, atol=0.06)
     assert np.array_equal(LabelModel(10).fit(L).predict_proba(L), m.predict_proba(L))  # deterministic
+
+
+def test_auto_keeps_the_label_model_only_where_held_out_agreement_shows_it_better():
+    from webcurate.curation.labeling.model_choice import choose_without_dev
+    from webcurate.curation.labeling.synthetic import structured_votes
+
+    d = structured_votes("class_dependent", 5000, seed=0)  # the label model wins by ~12 points
+    chosen, ev = choose_without_dev(d.L, 5)
+    assert chosen == "labelmodel" and ev["z"] > 2
+    d = structured_votes("mixed", 20_000, seed=1)  # a group of four sharing errors: it loses by ~3 points
+    assert _acc(LabelModel(5).fit(d.L).predict(d.L), d.y) < _acc(MajorityVote(5).fit(d.L).predict(d.L), d.y)
+    chosen, ev = choose_without_dev(d.L, 5)
+    assert chosen == "majority" and ev["z"] <= 2
