@@ -1,8 +1,7 @@
 """WebDataset shards, the per-sample index, storage (local and s3://) and ingest.
 
-``Dataset``, ``DatasetError`` and ``Sample`` load lazily: the dataset module
-pulls in webdataset (and with it torch), which the CLI should not pay for at
-start-up.
+``Dataset``, ``DatasetError`` and ``Sample`` load lazily, so importing a light
+module such as ``shards.errors`` does not pull in pyarrow.
 """
 from __future__ import annotations
 

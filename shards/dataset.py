@@ -7,15 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import layout, manifest as manifest_mod, storage
 from .errors import DatasetError
 from .schema import STATUS_OK
+from .tar_samples import IMAGE_EXTS, TarBroken, image_ext, iter_tar
 
-__all__ = ["Dataset", "DatasetError", "Sample"]
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+__all__ = ["Dataset", "DatasetError", "IMAGE_EXTS", "Sample"]
 
 
 @dataclass
@@ -113,21 +111,24 @@ class Dataset:
 
     # -- samples ------------------------------------------------------------
     def iter_samples(self, shard: int, keys: Iterable[str] | None = None) -> Iterator[Sample]:
-        """Samples of one shard in tar order; only ``keys`` when given."""
+        """Samples of one shard in tar order; only ``keys`` when given.
+
+        Grouped as webdataset groups them (``shards.tar_samples``); a sample
+        without an image is skipped, a tar that breaks off is a ``DatasetError``.
+        """
         wanted = set(keys) if keys is not None else None
         uri = self.shard_uri(shard)
-        data = storage.read_bytes(uri)
-        files = ({**f, "__url__": uri} for f in tar_file_iterator(io.BytesIO(data)))
-        for s in group_by_keys(files):
-            key = s["__key__"]
-            if wanted is not None and key not in wanted:
+        for s in iter_tar(io.BytesIO(storage.read_bytes(uri)), max_member_bytes=1 << 40):
+            if isinstance(s, TarBroken):
+                raise DatasetError(f"{uri} is not a readable tar past sample {s.partial_key}: {s.error}")
+            if wanted is not None and s.key not in wanted:
                 continue
-            ext = next((e for e in IMAGE_EXTS if e in s), None)
+            ext = image_ext(s.files)
             if ext is None:
                 continue
-            meta = json.loads(s["json"]) if "json" in s else {}
-            caption = s["txt"].decode("utf-8") if "txt" in s else meta.get("caption")
-            yield Sample(key=key, image=s[ext], ext=ext, meta=meta, caption=caption)
+            meta = json.loads(s.files["json"]) if "json" in s.files else {}
+            caption = s.files["txt"].decode("utf-8") if "txt" in s.files else meta.get("caption")
+            yield Sample(key=s.key, image=s.files[ext], ext=ext, meta=meta, caption=caption)
 
     def ok_keys(self) -> list[str]:
         return self.index(columns=["key"], status=STATUS_OK)["key"].to_pylist()

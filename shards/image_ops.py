@@ -60,6 +60,7 @@ class PixelBudget:
     def __init__(self, limit: int):
         self.limit = max(1, int(limit))
         self.used = 0
+        self.peak = 0  # the most pixels held at once (reported, and pinned by the tests)
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
@@ -69,6 +70,7 @@ class PixelBudget:
             while self.used + want > self.limit:
                 self._cond.wait()
             self.used += want
+            self.peak = max(self.peak, self.used)
         try:
             yield
         finally:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from . import layout, manifest as manifest_mod, storage
+from .dataset import Dataset
 from .progress import print_summary
 from .ray_runtime import cluster_cpus, init_ray
 from .stage import raise_if_failed, run_shards
@@ -81,7 +82,7 @@ def fetch_and_process(rows: list[dict[str, Any]], base: str | None, image_opts: 
     hosts = [host_of(r["source"]) if base is None else "" for r in rows]
     with Downloader(fetch_opts, pool_maxsize=threads) as downloader:
         results = scheduler.run(hosts, work, threads)
-    return results, scheduler.stats()
+    return results, {**scheduler.stats(), "peak_pixels": budget.peak}
 
 
 def ingest_shard(
@@ -100,7 +101,7 @@ def ingest_shard(
     rows = table.slice(shard * shard_size, shard_size).to_pylist()
     writer = ShardWriter(root, shard, extra_schema=extra_columns(table))
     try:
-        results, host_stats = fetch_and_process(rows, base, image_opts, fetch_opts, threads)
+        results, fetch_stats = fetch_and_process(rows, base, image_opts, fetch_opts, threads)
         _refuse_all_code_errors(shard, results)
         first_by_hash: dict[str, str] = {}
         for row, (img, err) in zip(rows, results):
@@ -121,7 +122,7 @@ def ingest_shard(
                         original_height=img.original_height, sha256=img.sha256)
             writer.add(key, img.data, img.ext, meta, caption=row.get("caption"))
         stats = writer.commit()
-        stats["hosts"] = host_stats
+        stats["fetch"] = fetch_stats
         return stats
     finally:
         writer.cleanup()
@@ -183,7 +184,7 @@ def ingest_table(
     m["fetch"] = manifest_mod.normalize(
         {k: v for k, v in dataclasses.asdict(fetch_opts).items() if k != "user_agent"}) if base is None else None
     manifest_mod.save(output, m)
-    done = set(completed_shards(output))
+    done = set(Dataset(output).completed_shards())
     todo = [s for s in range(num_shards) if s not in done]
     init_ray()
     in_flight = max(1, min(workers or int(cluster_cpus()), len(todo) or 1))
@@ -212,14 +213,6 @@ def _image_record(opts: ImageOptions) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(opts).items() if k != "max_task_pixels"}
 
 
-def completed_shards(root: str) -> list[int]:
-    """Shards recorded complete whose index exists (``Dataset.completed_shards`` without its import cost)."""
-    recorded = set(manifest_mod.completed_ids(root))
-    present = {int(e.name.split(".")[0]) for e in storage.list_dir(storage.join(root, layout.INDEX_DIR))
-               if e.name.endswith(".parquet") and e.name.split(".")[0].isdigit()}
-    return sorted(recorded & present)
-
-
 def task_fetch_options(opts: FetchOptions, in_flight: int) -> FetchOptions:
     """One task's share of the whole run's per-host limits when ``in_flight`` tasks run at once.
 
@@ -236,7 +229,7 @@ def print_host_summary(result: Any, opts: FetchOptions, in_flight: int) -> None:
     throttled: dict[str, int] = {}
     seconds = 0.0
     for st in result.done.values():
-        h = st.get("hosts") or {}
+        h = st.get("fetch") or {}
         seconds += float(h.get("throttle_seconds") or 0)
         for host, n in (h.get("throttled_hosts") or {}).items():
             throttled[host] = throttled.get(host, 0) + int(n)
@@ -260,7 +253,7 @@ def mark_cross_shard_duplicates(root: str) -> int:
     first_shard: dict[str, int] = {}
     marked = cross = 0
     recounted: dict[int, dict[str, int]] = {}
-    for shard in completed_shards(root):
+    for shard in Dataset(root).completed_shards():
         idx = storage.read_parquet(layout.index_uri(root, shard))
         rows = idx.to_pylist()
         changed = False
