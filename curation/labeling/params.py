@@ -95,6 +95,8 @@ class SelfTrainParams(Params):
     classes: list[str] | str | None = Field(None, description="Class names A,B,C in index order (default: the "
                                                               "--labels run's classes, else the seed set's, sorted).")
     none_label: str = Field("none", description="Dev-set label of samples that belong to no class.")
+    embeddings: str = Field("embeddings", description="Sidecar holding the vectors (column `embedding`), the same "
+                                                      "on input, seed and dev sets.")
     classifier: Literal["logreg", "mlp"] = Field("logreg", description="Classifier on the frozen embeddings: "
                                                                        "softmax regression or a one-hidden-layer MLP.")
     hidden: int = Field(128, ge=1, description="Hidden units of the MLP.")

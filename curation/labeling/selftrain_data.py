@@ -34,29 +34,30 @@ class Embedded:
     E: np.ndarray
     ok: np.ndarray
     model: dict[str, Any]
+    stage: str = EMBED_STAGE
 
     @property
     def dim(self) -> int:
         return int(self.E.shape[1])
 
 
-def load_embedded(uri: str, what: str) -> Embedded:
-    """The ``embeddings`` sidecar of ``uri`` (every completed shard must have its part)."""
+def load_embedded(uri: str, what: str, stage: str = EMBED_STAGE) -> Embedded:
+    """The vectors sidecar ``stage`` of ``uri`` (every completed shard must have its part)."""
     ds = Dataset(uri)
     ds.manifest  # a clear error when it is not a dataset
-    shards, have = ds.completed_shards(), set(ds.sidecar_completed(EMBED_STAGE))
+    shards, have = ds.completed_shards(), set(ds.sidecar_completed(stage))
     if not shards:
         raise DatasetError(f"{what} {uri} has no completed shards")
     missing = [s for s in shards if s not in have]
     if missing:
-        raise DatasetError(f"{what} {uri} has no embeddings for {len(missing)} of {len(shards)} shards (e.g. shard "
+        raise DatasetError(f"{what} {uri} has no `{stage}` for {len(missing)} of {len(shards)} shards (e.g. shard "
                            f"{missing[0]:05d}); run `webcurate embed --input {uri}` with the pool's model first")
-    table = ds.read_sidecar(EMBED_STAGE, columns=["key", "embedding"])
+    table = ds.read_sidecar(stage, columns=["key", "embedding"])
     E = embedding_matrix(table.column("embedding"))
     ok = ~np.isnan(E).any(axis=1) if E.size else np.zeros(len(E), bool)
     E = np.where(ok[:, None], E, 0.0).astype(np.float32)
-    params = ds.manifest.get("stages", {}).get(EMBED_STAGE, {}).get("parameters", {})
-    return Embedded(uri, table.column("key").to_pylist(), E, ok, {k: params.get(k) for k in MODEL_FIELDS})
+    params = ds.manifest.get("stages", {}).get(stage, {}).get("parameters", {})
+    return Embedded(uri, table.column("key").to_pylist(), E, ok, {k: params.get(k) for k in MODEL_FIELDS}, stage)
 
 
 def check_same_model(pool: Embedded, other: Embedded, what: str) -> None:
@@ -67,7 +68,7 @@ def check_same_model(pool: Embedded, other: Embedded, what: str) -> None:
     for f in MODEL_FIELDS:
         a, b = pool.model.get(f), other.model.get(f)
         if a is not None and b is not None and a != b:
-            raise ConfigError(f"{what} {other.uri}: field `embeddings.{f}` is {str(b)[:24]!r}, the pool's is "
+            raise ConfigError(f"{what} {other.uri}: field `{pool.stage}.{f}` is {str(b)[:24]!r}, the pool's is "
                               f"{str(a)[:24]!r}: seed, dev and pool must be embedded by the same model")
 
 
@@ -148,10 +149,11 @@ def _keys_sha(*key_lists: Sequence[str]) -> str:
 
 
 def load_inputs(input_uri: str, seed_uri: str, dev_uri: str | None, labels_uri: str | None,
-                classes: Sequence[str] | None, none_label: str) -> tuple[SelfTrainData, dict[str, Any]]:
+                classes: Sequence[str] | None, none_label: str, stage: str = EMBED_STAGE
+                ) -> tuple[SelfTrainData, dict[str, Any]]:
     """All arrays of a run and the identity of its inputs (for the resume fingerprint)."""
-    pool = load_embedded(input_uri, "input dataset")
-    seed = load_embedded(seed_uri, "seed dataset")
+    pool = load_embedded(input_uri, "input dataset", stage)
+    seed = load_embedded(seed_uri, "seed dataset", stage)
     check_same_model(pool, seed, "seed dataset")
     seed_labels = labels_by_key(seed_uri, seed.keys)
     prior = prior_ok = prior_classes = None
@@ -164,7 +166,7 @@ def load_inputs(input_uri: str, seed_uri: str, dev_uri: str | None, labels_uri: 
     identity = {"pool": _keys_sha(pool.keys), "seed": _keys_sha(seed.keys, seed_labels), "model": pool.model,
                 "classes": cls}
     if dev_uri:
-        dev = load_embedded(dev_uri, "dev dataset")
+        dev = load_embedded(dev_uri, "dev dataset", stage)
         check_same_model(pool, dev, "dev dataset")
         dev_labels = labels_by_key(dev_uri, dev.keys)
         y = dev_targets(dev_labels, cls, none_label, dev_uri)

@@ -95,7 +95,7 @@ def save_round(out: str, fingerprint: str, p: SelfTrainParams, st: RoundState) -
 
 
 # -- the stage -------------------------------------------------------------------------
-def _rounds(trainer: SelfTrainer, st: RoundState, p: SelfTrainParams, fingerprint: str) -> RoundState:
+def _rounds(trainer: SelfTrainer, st: RoundState, p: SelfTrainParams, fingerprint: str | None) -> RoundState:
     """Rounds after the last one done, each saved as it finishes, until the limit or no additions."""
     from webcurate.shards.progress import progress_bar
 
@@ -104,7 +104,7 @@ def _rounds(trainer: SelfTrainer, st: RoundState, p: SelfTrainParams, fingerprin
     try:
         while st.rounds_done < p.max_rounds and not st.stopped:
             st, _ = trainer.run_round(st, st.rounds_done + 1)
-            if p.output:
+            if p.output and fingerprint:
                 save_round(p.output, fingerprint, p, st)
             s = st.summaries[-1]
             bar.update(1)
@@ -121,25 +121,31 @@ def _f(v: Any) -> str:
 def run_selftrain(p: SelfTrainParams, *, quiet: bool = False) -> SelfTrainRun:
     """Self-train on ``p.input`` from the seeds in ``p.seed``; write ``p.output`` when given."""
     t0 = time.time()
-    data, identity = load_inputs(p.input, p.seed, p.dev, p.labels, p.classes, p.none_label)
+    data, identity = load_inputs(p.input, p.seed, p.dev, p.labels, p.classes, p.none_label, p.embeddings)
     fingerprint = _fingerprint(p, identity)
-    n = len(data.pool_keys)
-    st = load_rounds(p.output, fingerprint, n) if p.output else RoundState.empty(n)
-    resumed = st.rounds_done
-    if resumed and not quiet:
-        print(f"selftrain: resuming after round {resumed} (state in {storage.join(p.output, STATE_DIR)})")
-    trainer = SelfTrainer(data, p)
-    st = _rounds(trainer, st, p, fingerprint)
-    final = trainer.final(st)
-    rejected = data.pool_ok & (final.in_set < final.abstain_below)
-    pred = np.where(data.pool_ok & ~rejected, final.probs.argmax(axis=1), -1)
-    run = SelfTrainRun(data.classes, data.pool_keys, final.probs, pred, rejected, st, final, resumed)
+    st = load_rounds(p.output, fingerprint, len(data.pool_keys)) if p.output else None
+    if st is not None and st.rounds_done and not quiet:
+        print(f"selftrain: resuming after round {st.rounds_done} (state in {storage.join(p.output, STATE_DIR)})")
+    run = self_train(data, p, start=st, fingerprint=fingerprint)
     run.result = result_record(run, data, p, time.time() - t0)
     if p.output:
         export(run, data, p, quiet)
     if not quiet:
         print_summary(run, p.output)
     return run
+
+
+def self_train(data: SelfTrainData, p: SelfTrainParams, *, start: RoundState | None = None,
+               fingerprint: str | None = None) -> SelfTrainRun:
+    """The rounds after ``start`` (saved to ``p.output`` when a fingerprint is given) and the final fit."""
+    st = start if start is not None else RoundState.empty(len(data.pool_keys))
+    resumed = st.rounds_done
+    trainer = SelfTrainer(data, p)
+    st = _rounds(trainer, st, p, fingerprint)
+    final = trainer.final(st)
+    rejected = data.pool_ok & (final.in_set < final.abstain_below)
+    pred = np.where(data.pool_ok & ~rejected, final.probs.argmax(axis=1), -1)
+    return SelfTrainRun(data.classes, data.pool_keys, final.probs, pred, rejected, st, final, resumed)
 
 
 def selftrain_is_complete(p: SelfTrainParams) -> bool:
