@@ -12,6 +12,7 @@ from . import layout, manifest as manifest_mod, storage
 from .errors import DatasetError
 from .schema import STATUS_OK
 from .tar_samples import IMAGE_EXTS, TarBroken, image_ext, iter_tar
+from .writer import write_parquet
 
 __all__ = ["Dataset", "DatasetError", "IMAGE_EXTS", "Sample"]
 
@@ -148,13 +149,8 @@ class Dataset:
         }
         return sorted(recorded & present)
 
-    def has_sidecar(self, stage: str) -> bool:
-        return bool(self.sidecar_completed(stage))
-
     def write_sidecar(self, stage: str, shard: int, table: pa.Table) -> None:
         """Write one shard's part of a sidecar table atomically (driver records it)."""
-        from .writer import write_parquet
-
         write_parquet(self.sidecar_uri(stage, shard), table)
 
     def read_sidecar_part(self, stage: str, shard: int, columns: list[str] | None = None) -> pa.Table:

@@ -12,6 +12,7 @@ import io
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # We check pixel counts ourselves, before decoding, against our own limit.
@@ -219,8 +220,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode == "I":
-        import numpy as np
-
         # The scale comes from the mode (16-bit samples, as PNG stores them in
         # both I;16 and I), never from the observed peak: a dark image stays dark.
         arr = np.asarray(img, dtype=np.int64).clip(0, 65535)

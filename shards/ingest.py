@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from . import layout, manifest as manifest_mod, storage
+from .adopt import adopt
 from .dataset import Dataset
 from .progress import print_summary
 from .ray_runtime import cluster_cpus, init_ray
@@ -334,9 +335,7 @@ def ingest_urls(
 def run_ingest(params: "IngestParams") -> str:
     """Run `webcurate shard` (or the `shard:` step) from validated parameters; returns the summary line."""
     if params.adopt:
-        from .adopt import adopt
-
-        ds = adopt(params.input, workers=params.workers)
+        ds = adopt(params.input, workers=params.workers, max_member_bytes=params.max_bytes)
         return f"adopted {ds.num_shards} shard(s) in place: {params.input}"
     result = ingest(params.input, params.output, **params.ingest_kwargs())
     c = result.counts

@@ -299,8 +299,3 @@ def copy_to_local(uri: str, local_path: str) -> str:
 
 def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else os.path.basename(uri.rstrip("/"))
-
-
-def iter_lines(uri: str) -> Iterator[str]:
-    for line in read_bytes(uri).decode("utf-8").splitlines():
-        yield line

@@ -12,11 +12,12 @@ import json
 import time
 from typing import Any
 
-import pyarrow as pa
 
 from . import manifest as manifest_mod, storage
 from .dataset import Dataset, DatasetError
+from .progress import print_summary
 from .schema import CORE_COLUMNS, STATUS_OK
+from .stage import raise_if_failed, run_shards
 from .writer import ShardWriter
 
 # Fields that only make sense in the source's index; not copied into json.
@@ -82,9 +83,6 @@ def write_subset(
     index row. Returns the new dataset's manifest. Resumable per shard; a
     destination holding another stage's dataset is refused.
     """
-    from webcurate.shards.progress import print_summary
-    from webcurate.shards.stage import raise_if_failed, run_shards
-
     src = Dataset(src_root)
     shards = src.completed_shards()
     if not shards:
@@ -127,10 +125,3 @@ def subset_shard_empty(shard: int, dst_root: str) -> dict[str, Any]:
         return w.commit()
     finally:
         w.cleanup()
-
-
-def selected_table(selected: dict[str, dict[str, Any]]) -> pa.Table:
-    """The selection as a table (key + fields), handy for parquet side outputs."""
-    keys = sorted(selected)
-    names = sorted({f for k in keys for f in selected[k]})
-    return pa.table({"key": keys, **{n: [_jsonable(selected[k].get(n)) for k in keys] for n in names}})

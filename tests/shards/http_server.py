@@ -39,6 +39,7 @@ Routes (all GET; ``<seed>`` is an int, sizes are ``<w>x<h>``):
                                     ``/limit`` requests arrived in the last second
 ``/throttle/<s>/<name>.jpg``        always 429 with ``Retry-After: <s>``
 ``/robots-hop/<tag>/<path>``        302 to ``/<path>`` carrying ``X-Robots-Tag``
+``/gate/<path>``                    waits until ``gate`` is set, then serves ``/<path>``
 anything added by ``add_file``      e.g. URL lists
 ==================================  ==========================================
 
@@ -123,6 +124,7 @@ class ImageServer:
         self.hits: collections.Counter[str] = collections.Counter()
         self.user_agents: collections.Counter[str] = collections.Counter()
         self.host = host
+        self.gate = threading.Event()  # releases /gate/ requests (tests decide when, not a timer)
         self.limit_arrivals: list[float] = []
         self.limit_refused = 0
         self._lock = threading.Lock()
@@ -283,6 +285,12 @@ def _routes(server: ImageServer) -> list[tuple[re.Pattern, Callable[..., _Reply 
                 return _Reply(status=429, body=b"slow down\n", ctype="text/plain", headers={"Retry-After": "1"})
         return _Reply(body=gen.photo_jpeg(zlib.crc32(name.encode()) % 1000 + 2000, 64, 48))
 
+    def gate(rest):
+        while not server.gate.wait(0.05):
+            if server._stop.is_set():
+                return None
+        return _dispatch(server, "/" + rest)
+
     def throttle(secs, name):
         return _Reply(status=429, body=b"slow down\n", ctype="text/plain", headers={"Retry-After": secs})
 
@@ -321,6 +329,7 @@ def _routes(server: ImageServer) -> list[tuple[re.Pattern, Callable[..., _Reply 
         (r"/limit/(\d+)/([^/]+)\.jpg", limit),
         (r"/throttle/(\d+)/([^/]+)\.jpg", throttle),
         (r"/robots-hop/([^/]+)/(.+)", robots_hop),
+        (r"/gate/(.+)", gate),
     ]
     out = [(re.compile(re.escape(p) + "$"), (lambda f: (lambda: f()))(f)) for p, f in fixed.items()]
     out += [(re.compile(p + "$"), f) for p, f in table]

@@ -120,7 +120,10 @@ def test_stop_releases_hanging_connections(http_server_mod):
     port = srv.port
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(f"GET /hang/x.jpg HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    time.sleep(0.2)
+    deadline = time.time() + 10
+    while srv.hits["/hang/x.jpg"] == 0:  # the handler is inside the hang once it counted the request
+        assert time.time() < deadline
+        time.sleep(0.01)
     t0 = time.time()
     srv.stop()
     sock.settimeout(5)
@@ -148,3 +151,19 @@ def test_hostile_routes_redirect_anywhere_throttle_and_drip_headers(image_server
         got += sock.recv(100)
     sock.close()
     assert got and b"\r\n\r\n" not in got and len(got) <= 5  # a byte per 0.2 s, headers unfinished
+
+
+def test_gate_holds_requests_until_released(image_server):
+    import threading
+
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", get(image_server, "/gate/good/4.jpg", timeout=30)))
+    t.start()
+    deadline = time.time() + 10
+    while image_server.hits["/gate/good/4.jpg"] == 0:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert "r" not in got  # held
+    image_server.gate.set()
+    t.join(10)
+    assert got["r"].status_code == 200

@@ -135,29 +135,42 @@ SHARD_SIZE = 8
 NUM_SHARDS = 6
 
 
-def _slow_list(server, path) -> list[str]:
-    """Shard 0 is quick; every later URL is held 1.5 s by the server, so the run is
-    certainly still busy when shard 0 is recorded."""
+def _gated_list(server, path) -> list[str]:
+    """Shard 0 is served at once; every later URL waits at the server's gate, which the test
+    opens only after the kill, so the run is certainly still busy when shard 0 is recorded."""
     urls = []
     for i in range(SHARD_SIZE * NUM_SHARDS):
-        delay = 50 if i < SHARD_SIZE else 1500
-        urls.append(server.url(f"/slow/{delay}/good/{200 + i}-{320 + 3 * i}x{240 + 2 * i}.jpg"))
-    urls[-1] = server.url("/slow/1500/status/404/gone.jpg")  # failures resume too
-    urls[-2] = server.url(f"/slow/1500/dup/x/{200 + 3}-{320 + 9}x{240 + 6}.jpg")  # same picture as urls[3]
+        gate = "" if i < SHARD_SIZE else "/gate"
+        urls.append(server.url(f"{gate}/good/{200 + i}-{320 + 3 * i}x{240 + 2 * i}.jpg"))
+    urls[-1] = server.url("/gate/status/404/gone.jpg")  # failures resume too
+    urls[-2] = server.url(f"/gate/dup/x/{200 + 3}-{320 + 9}x{240 + 6}.jpg")  # same picture as urls[3]
     pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), path)
     return urls
 
 
+def _wait_gone(pgid: int, timeout: float = 60) -> None:
+    """Until no process of group ``pgid`` (the killed driver's session: its Ray) is left."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, "the killed run's processes did not go away"
+        time.sleep(0.05)
+
+
 def _recorded(root: str) -> list[int]:
-    m = manifest_mod.load(root)
-    return list(m.get("completed_shards", [])) if m else []
+    return manifest_mod.completed_ids(root) if manifest_mod.load(root) else []
 
 
 def test_resume_after_sigkill_gives_the_uninterrupted_bytes(http_server_mod, ray_local, tmp_path):
     with http_server_mod.ImageServer() as server:
-        urls = _slow_list(server, tmp_path / "urls.parquet")
+        urls = _gated_list(server, tmp_path / "urls.parquet")
+        # A read timeout longer than the test's wait for shard 0: gated requests never time out.
         args = ["shard", "--input", str(tmp_path / "urls.parquet"), "--shard-size", str(SHARD_SIZE),
-                "--workers", "2", "--timeout", "5", "--retries", "0", "--allow-private-addresses"]
+                "--workers", "2", "--timeout", "120", "--total-timeout", "240", "--retries", "0",
+                "--allow-private-addresses"]
         killed = str(tmp_path / "killed")
 
         # 1. Start, wait until shard 0 is recorded in the manifest, SIGKILL the driver.
@@ -179,7 +192,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(http_server_mod, ray
             except ProcessLookupError:
                 pass
             proc.stderr.close()
-        time.sleep(0.5)
+        _wait_gone(proc.pid)  # nothing of the killed run writes while we look
         done_at_kill = _recorded(killed)
         assert 0 in done_at_kill and len(done_at_kill) < NUM_SHARDS, done_at_kill
         hits_before = sum(server.hits.values())
@@ -187,6 +200,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_bytes(http_server_mod, ray
         shard0_hits = {p: server.hits[p] for p in shard0_paths}
 
         # 2. The same command again finishes the job, skipping what was recorded.
+        server.gate.set()
         resumed = run_cli(*args, "--output", killed)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert {p: server.hits[p] for p in shard0_paths} == shard0_hits  # shard 0 not fetched again
