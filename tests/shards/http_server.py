@@ -124,6 +124,7 @@ class ImageServer:
         self.hits: collections.Counter[str] = collections.Counter()
         self.user_agents: collections.Counter[str] = collections.Counter()
         self.host = host
+        self.arrivals: list[tuple[float, str]] = []  # (time.monotonic(), path) of every request
         self.gate = threading.Event()  # releases /gate/ requests (tests decide when, not a timer)
         self.limit_arrivals: list[float] = []
         self.limit_refused = 0
@@ -198,6 +199,7 @@ class ImageServer:
         with self._lock:
             self.hits[path] += 1
             self.user_agents[ua] += 1
+            self.arrivals.append((time.monotonic(), path))
 
     def _wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the server is stopping."""
