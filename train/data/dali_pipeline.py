@@ -1,12 +1,18 @@
-"""The DINOv2 multi-crop augmentation as one DALI pipeline (CPU or GPU decoding, one graph).
+"""The view recipes (multi-crop, two views, one view) as one DALI pipeline (CPU or GPU decoding, one graph).
 
 Graph per sample::
 
-    webdataset reader -> peek shape ------------------------------.
-           |                                                     v
+    webdataset reader -> peek shape ----------------------------------------.
+           |                                                                v
            '-> decode (cpu | mixed) -> for each crop: resize(ROI = crop window, flipped by
-               swapping x ends) -> colour twist (jitter / grayscale) -> [blur] -> [solarize]
-               -> normalise to float CHW
+               swapping x ends) -> [blur: two 1-D Gaussian filters] -> normalise to float CHW
+
+Blur is a separable pair of ``filter`` calls (OpenCV underneath on CPU) with a
+per-sample kernel (a unit impulse when the draw says no blur): no per-crop
+conditional split and not DALI's slow ``gaussian_blur`` CPU kernel; crops whose
+recipe never blurs skip it. Colour jitter, grayscale and solarisation are applied
+by :mod:`.photometric` while the loader copies the crops into the batch (DALI's
+CPU colour kernels cost more than everything else here together).
 
 Why the random numbers come from Python: exact resume. Every random draw (crop
 area/aspect/position, flip, jitter factors, grayscale, blur and its sigma,
@@ -40,60 +46,65 @@ DECODABLE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 READER_EXT = ";".join(DECODABLE_EXTS)
 ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 windows
 LOG_RATIO = (math.log(3.0 / 4.0), math.log(4.0 / 3.0))
-
 # Order of the per-batch parameter arrays fed by external_source.
-PARAM_NAMES = (
-    "skip", "attempt", "area", "log_ratio", "pos_x", "pos_y", "flip",
-    "brightness", "contrast", "saturation", "hue", "blur", "sigma", "solarize",
-)
+PARAM_NAMES = ("skip", "attempt", "area", "log_ratio", "pos_x", "pos_y", "flip", "kernel")
+
+
+def param_names(cfg: LoaderConfig) -> tuple[str, ...]:
+    """The parameter arrays the graph of ``cfg`` uses (stages off for every crop need none)."""
+    blur = any(c.blur_p > 0 for c in cfg.crops)
+    return tuple(k for k in PARAM_NAMES if k != "kernel" or blur)
 
 
 def crop_sizes(cfg: LoaderConfig) -> list[int]:
-    """Output side of every crop: 2 global then ``n_local`` local."""
-    return [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
+    """Output side of every crop: ``n_global`` global then ``n_local`` local."""
+    return [c.size for c in cfg.crops]
+
+
+def blur_window(cfg: LoaderConfig) -> int:
+    """Taps of the Gaussian kernel: ``blur_kernel_size``, or 2 ceil(3 sigma_max) + 1 when 0."""
+    return int(cfg.blur_kernel_size) or 2 * int(math.ceil(3 * cfg.blur_sigma[1])) + 1
+
+
+def gaussian_kernels(sigma: np.ndarray, blur: np.ndarray, window: int) -> np.ndarray:
+    """(...) sigmas and blur flags -> (..., window) normalised 1-D kernels (a unit impulse where
+    ``blur`` is False), torchvision's ``_get_gaussian_kernel1d``."""
+    x = np.arange(window) - window // 2
+    k = np.exp(-0.5 * (x / sigma[..., None]) ** 2)
+    k /= k.sum(-1, keepdims=True)
+    impulse = (x == 0).astype(k.dtype)
+    return np.where(blur[..., None], k, impulse).astype(np.float32)
 
 
 def sample_params(cfg: LoaderConfig, batch_size: int, rng: np.random.Generator, *, skip: bool = False) -> dict[str, np.ndarray]:
     """Draw every augmentation decision of one batch.
 
     Returns arrays with leading dims (B, n_crops) (``area``/``log_ratio``/``attempt``
-    have a trailing ``ATTEMPTS`` axis; ``skip`` is (B,)). Crop 0 and 1 are the global
-    crops, the rest local. Probabilities follow DINOv2 (``cfg.blur_probabilities``
-    includes the ``reference_blur_bug`` option).
+    have a trailing ``ATTEMPTS`` axis, ``kernel`` the blur window; ``skip`` is (B,)).
+    Crops ``0..n_global-1`` are the global views, the rest local; their probabilities
+    come from ``cfg.crops``. Colour and solarisation are drawn by
+    :func:`.photometric.draw_photometric` from another generator.
     """
-    n = 2 + cfg.n_local
+    crops = cfg.crops
+    n = len(crops)
     B = batch_size
     f32 = np.float32
-    lo = np.array([cfg.global_scale[0]] * 2 + [cfg.local_scale[0]] * cfg.n_local, f32)
-    hi = np.array([cfg.global_scale[1]] * 2 + [cfg.local_scale[1]] * cfg.n_local, f32)
+    lo = np.array([c.scale[0] for c in crops], f32)
+    hi = np.array([c.scale[1] for c in crops], f32)
     area = lo[None, :, None] + (hi - lo)[None, :, None] * rng.random((B, n, ATTEMPTS), dtype=f32)
     log_ratio = rng.uniform(*LOG_RATIO, size=(B, n, ATTEMPTS)).astype(f32)
     pos_x = rng.random((B, n), dtype=f32)
     pos_y = rng.random((B, n), dtype=f32)
     flip = (rng.random((B, n)) < cfg.flip_p).astype(f32)
 
-    bj, cj, sj, hj = cfg.color_jitter
-    jitter = rng.random((B, n)) < cfg.color_jitter_p
-    brightness = np.where(jitter, rng.uniform(max(0.0, 1 - bj), 1 + bj, (B, n)), 1.0).astype(f32)
-    contrast = np.where(jitter, rng.uniform(max(0.0, 1 - cj), 1 + cj, (B, n)), 1.0).astype(f32)
-    saturation = np.where(jitter, rng.uniform(max(0.0, 1 - sj), 1 + sj, (B, n)), 1.0).astype(f32)
-    # torchvision's hue factor is a fraction of the colour circle; DALI takes degrees.
-    hue = np.where(jitter, rng.uniform(-hj, hj, (B, n)) * 360.0, 0.0).astype(f32)
-    gray = rng.random((B, n)) < cfg.grayscale_p
-    saturation[gray] = 0.0  # saturation 0 in the YIQ twist is an RGB grayscale image
-
-    p_g1, p_g2, p_local = cfg.blur_probabilities
-    blur_p = np.array([p_g1, p_g2] + [p_local] * cfg.n_local)
-    blur = rng.random((B, n)) < blur_p[None, :]
-    sigma = rng.uniform(*cfg.blur_sigma, (B, n)).astype(f32)
-    solarize = np.zeros((B, n), dtype=bool)
-    solarize[:, 1] = rng.random(B) < cfg.solarize_p_global2
+    blur = rng.random((B, n)) < np.array([c.blur_p for c in crops])[None, :]
+    sigma = rng.uniform(*cfg.blur_sigma, (B, n))
+    kernel = gaussian_kernels(np.maximum(sigma, 1e-6), blur, blur_window(cfg))
 
     attempt = np.broadcast_to(np.arange(ATTEMPTS, dtype=f32), (B, n, ATTEMPTS)).copy()
     return {
         "skip": np.full((B,), skip, dtype=bool), "attempt": attempt, "area": area, "log_ratio": log_ratio,
-        "pos_x": pos_x, "pos_y": pos_y, "flip": flip, "brightness": brightness, "contrast": contrast,
-        "saturation": saturation, "hue": hue, "blur": blur, "sigma": sigma, "solarize": solarize,
+        "pos_x": pos_x, "pos_y": pos_y, "flip": flip, "kernel": kernel,
     }
 
 
@@ -110,6 +121,7 @@ class ParamSource:
         self.batch_size = batch_size
         self.rng_for = rng_for
         self.skip_batches = skip_batches
+        self.names = param_names(cfg)
         self.iteration = 0
         self._skipped: tuple[np.ndarray, ...] | None = None
 
@@ -121,10 +133,10 @@ class ParamSource:
             # its own generator, so not drawing them leaves later batches unchanged.
             if self._skipped is None:
                 params = sample_params(self.cfg, self.batch_size, np.random.default_rng(0), skip=True)
-                self._skipped = tuple(params[k] for k in PARAM_NAMES)
+                self._skipped = tuple(params[k] for k in self.names)
             return self._skipped
         params = sample_params(self.cfg, self.batch_size, self.rng_for(i))
-        return tuple(params[k] for k in PARAM_NAMES)
+        return tuple(params[k] for k in self.names)
 
 
 @dataclass
@@ -231,11 +243,23 @@ def decodes(data: bytes, device: str = "cpu", device_id: int | None = None) -> b
         return False
 
 
+def _blur(x, c: int, cfg: LoaderConfig, p: dict):
+    """Gaussian blur of crop ``c`` (uint8 HWC) as two 1-D filters with this sample's kernel; crops
+    whose recipe never blurs are returned unchanged."""
+    import nvidia.dali.fn as fn
+
+    if cfg.crops[c].blur_p <= 0:
+        return x
+    k = blur_window(cfg)
+    x = fn.filter(x, fn.reshape(p["kernel"][c], shape=[1, k]), border="reflect_101")
+    return fn.filter(x, fn.reshape(p["kernel"][c], shape=[k, 1]), border="reflect_101")
+
+
 def build_pipeline(spec: PipelineSpec, cfg: LoaderConfig, source: ParamSource):
-    """Build (not yet run) the multi-crop pipeline for ``spec``.
+    """Build (not yet run) the view pipeline for ``spec``.
 
     Outputs, per sample: crop ``c`` as float32 (3, S_c, S_c) normalised with
-    ``cfg.mean``/``cfg.std``; ``2 + cfg.n_local`` outputs. Skipped samples give
+    ``cfg.mean``/``cfg.std``; ``n_global + n_local`` outputs. Skipped samples give
     (3, 1, 1) zeros.
     """
     import nvidia.dali.fn as fn
@@ -247,42 +271,34 @@ def build_pipeline(spec: PipelineSpec, cfg: LoaderConfig, source: ParamSource):
     interp = types.INTERP_CUBIC if cfg.interpolation == "bicubic" else types.INTERP_LINEAR
     mean = [255.0 * m for m in cfg.mean]
     std = [255.0 * s for s in cfg.std]
-    threshold = int(cfg.solarize_threshold)
-    solarize_lut = [k if k < threshold else 255 - k for k in range(256)]
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
-    blur_window = {"window_size": int(cfg.blur_kernel_size)} if cfg.blur_kernel_size else {}
 
     @pipeline_def(enable_conditionals=True)
-    def multicrop():
+    def views():
         encoded = _reader(spec, cfg)
-        (skip, attempt, area, log_ratio, pos_x, pos_y, flip, brightness, contrast, saturation, hue,
-         blur, sigma, solarize) = fn.external_source(source=source, num_outputs=len(PARAM_NAMES), batch=True)
-        if skip:
+        p = dict(zip(source.names, fn.external_source(source=source, num_outputs=len(source.names), batch=True)))
+        if p["skip"]:
             # A placeholder per crop: skipped batches are dropped by the loader.
-            dummy = fn.cast(fn.reshape(flip[0], shape=[1, 1, 1]) * 0.0, dtype=types.FLOAT)
+            dummy = fn.cast(fn.reshape(p["flip"][0], shape=[1, 1, 1]) * 0.0, dtype=types.FLOAT)
             dummy = fn.cat(dummy, dummy, dummy, axis=0)
             if spec.device == "gpu":
                 dummy = dummy.gpu()
             crops = [dummy] * n_crops
         else:
             shape = fn.peek_image_shape(encoded)
-            start, end = _crop_windows(shape, attempt, area, log_ratio, pos_x, pos_y, flip)
+            start, end = _crop_windows(shape, p["attempt"], p["area"], p["log_ratio"], p["pos_x"], p["pos_y"],
+                                       p["flip"])
             image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
             crops = []
             for c, size in enumerate(sizes):
                 x = fn.resize(image, size=[size, size], roi_start=start[c], roi_end=end[c],
                               roi_relative=True, interp_type=interp, antialias=True)
-                x = fn.color_twist(x, brightness=brightness[c], contrast=contrast[c],
-                                   saturation=saturation[c], hue=hue[c])
-                if blur[c]:
-                    x = fn.gaussian_blur(x, sigma=sigma[c], **blur_window)
-                if solarize[c]:
-                    x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
-                x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-                crops.append(x)
+                x = _blur(x, c, cfg, p)
+                crops.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean,
+                                                      std=std))
         return tuple(crops)
 
-    return multicrop(
+    return views(
         batch_size=source.batch_size, num_threads=max(1, int(cfg.num_threads)),
         device_id=spec.device_id, seed=spec.reader_seed & 0x7FFFFFFF,
         prefetch_queue_depth=max(1, int(cfg.prefetch)),

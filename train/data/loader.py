@@ -1,4 +1,4 @@
-"""Multi-crop training loader: one DALI pipeline over this worker's share of the shards.
+"""View loader (multi-crop, two views, one view): one DALI pipeline over this worker's share of the shards.
 
 ``make_loader`` yields one epoch of batches for worker ``rank`` of ``world_size``:
 
@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Iterator
@@ -34,15 +35,16 @@ from webcurate.shards.progress import progress_bar
 from webcurate.shards.dataset import DatasetError
 
 from .config import LoaderConfig, resolve_device
-from .dali_pipeline import ParamSource, PipelineSpec, build_pipeline, crop_sizes, decodes, read_batch
-from .masking import batch_masks
+from .dali_pipeline import ParamSource, PipelineSpec, build_pipeline, decodes, read_batch
+from .masking import batch_masks, random_masks
+from .photometric import Photometric, draw_photometric
 from .wds_index import ShardIndex, shard_index, substitute
 
 # "Failed to decode sample #3 : s3://b/shards/00001.tar:123904:0a1b.jpg"
 _DECODE_FAILURE = re.compile(r"Failed to decode sample #\d+\s*:\s*(?P<uri>\S+):(?P<offset>\d+):(?P<name>[^\s:]+)")
 
 # Streams of the per-batch generators (kept fixed: changing them changes every run).
-_AUG, _MASK, _READER, _ORDER = 0, 1, 2, 3
+_AUG, _MASK, _READER, _ORDER, _COLOUR = 0, 1, 2, 3, 4
 
 
 class LoaderError(DatasetError):
@@ -124,6 +126,7 @@ class MultiCropLoader:
             [cfg.seed & 0xFFFFFFFF, seed & 0xFFFFFFFF, epoch, rank, _READER]).generate_state(1)[0] & 0x7FFFFFFF)
         self.decode_failures = 0
         self.wait_seconds = 0.0
+        self._photometric: Photometric | None = None
         self._gen: Iterator[dict] | None = None
 
     # -- iteration ----------------------------------------------------------------
@@ -143,6 +146,9 @@ class MultiCropLoader:
 
     def _mask_rng(self, batch: int) -> np.random.Generator:
         return _rng(self.cfg.seed, self.seed, self.epoch, self.rank, batch, _MASK)
+
+    def _colour_rng(self, batch: int) -> np.random.Generator:
+        return _rng(self.cfg.seed, self.seed, self.epoch, self.rank, batch, _COLOUR)
 
     def _spec(self) -> PipelineSpec:
         chunks = [(ix.uri, path) for ix in self.shards for path, _ in ix.chunks]
@@ -220,50 +226,89 @@ class MultiCropLoader:
         return True
 
     def _assemble(self, outputs, batch_index: int) -> dict:
-        """DALI per-crop outputs -> crop-major torch tensors plus the iBOT masks."""
+        """DALI per-crop outputs -> crop-major torch tensors (colour applied while copying) plus masks."""
         import torch
 
         cfg = self.cfg
-        B = cfg.batch_size
-        sizes = crop_sizes(cfg)
+        B, V = cfg.batch_size, cfg.n_global
         if self.device == "gpu":
             dev = torch.device("cuda", self.device_id)
             stream = torch.cuda.current_stream(dev)
+            empty = functools.partial(torch.empty, dtype=torch.float32, device=dev)
         else:
-            dev, stream = torch.device("cpu"), None
+            dev, stream, empty = torch.device("cpu"), None, _host_empty
+        if self._photometric is None:
+            self._photometric = Photometric(cfg, dev)
+        draws = draw_photometric(cfg, B, self._colour_rng(batch_index))
         G, L = cfg.global_size, cfg.local_size
-        global_crops = torch.empty((2 * B, 3, G, G), dtype=torch.float32, device=dev)
-        local_crops = torch.empty((cfg.n_local * B, 3, L, L), dtype=torch.float32, device=dev)
-        for c, size in enumerate(sizes):
-            target = global_crops[c * B:(c + 1) * B] if c < 2 else local_crops[(c - 2) * B:(c - 1) * B]
-            _copy_into(outputs[c], target, stream)
-        masks = batch_masks(
-            2 * B, G // cfg.patch_size, self._mask_rng(batch_index),
-            mask_probability=cfg.mask_probability, mask_ratio=cfg.mask_ratio,
-            min_num_patches=cfg.mask_min_patches, min_aspect=cfg.mask_min_aspect,
-        )
+        global_crops = empty((V * B, 3, G, G))
+        local_crops = empty((cfg.n_local * B, 3, L, L)) if cfg.n_local else None
+        for c in range(V + cfg.n_local):
+            target = global_crops[c * B:(c + 1) * B] if c < V else local_crops[(c - V) * B:(c - V + 1) * B]
+            self._photometric.apply(_as_torch(outputs[c], target, stream), target, draws, c)
         return {
             "global_crops": global_crops,
             "local_crops": local_crops,
-            "masks": torch.from_numpy(masks).to(dev),
+            "masks": view_masks(cfg, V * B, self._mask_rng(batch_index), dev),
             "n_images": B,
         }
 
 
-def _copy_into(tensor_list, target, stream) -> None:
-    """Copy a dense DALI batch (B, 3, S, S) straight into a torch tensor slice (one copy)."""
+def view_masks(cfg: LoaderConfig, n_views: int, rng: np.random.Generator, device=None):
+    """(n_views, n_patches) bool masks of the global views for ``cfg.masking``, or None for ``"none"``."""
+    import torch
+
+    grid = cfg.global_size // cfg.patch_size
+    if cfg.masking == "none":
+        return None
+    if cfg.masking == "random":
+        masks = random_masks(n_views, grid * grid, cfg.random_mask_ratio, rng)
+    else:
+        masks = batch_masks(n_views, grid, rng, mask_probability=cfg.mask_probability,
+                            mask_ratio=cfg.mask_ratio, min_num_patches=cfg.mask_min_patches,
+                            min_aspect=cfg.mask_min_aspect)
+    return torch.from_numpy(masks).to(device) if device is not None else torch.from_numpy(masks)
+
+
+def _as_torch(tensor_list, like, stream):
+    """A dense DALI batch (B, 3, S, S) as a torch tensor shaped like ``like``, valid until the next run.
+
+    CPU: a view of DALI's own buffer (no copy); GPU: one device copy on torch's stream, which
+    orders it after DALI's work.
+    """
     import ctypes
 
+    import torch
     from nvidia.dali.backend import TensorListGPU
 
     dense = tensor_list.as_tensor()
-    if list(dense.shape()) != list(target.shape):
-        raise LoaderError(f"DALI produced a batch of shape {dense.shape()}, expected {list(target.shape)}")
-    ptr = ctypes.c_void_p(target.data_ptr())
+    if list(dense.shape()) != list(like.shape):
+        raise LoaderError(f"DALI produced a batch of shape {dense.shape()}, expected {list(like.shape)}")
     if isinstance(tensor_list, TensorListGPU):
-        dense.copy_to_external(ptr, stream.cuda_stream, non_blocking=True)
-    else:
-        dense.copy_to_external(ptr)
+        out = torch.empty_like(like)
+        dense.copy_to_external(ctypes.c_void_p(out.data_ptr()), stream.cuda_stream, non_blocking=True)
+        return out
+    return torch.from_numpy(np.asarray(dense))
+
+
+def _host_empty(shape: tuple[int, ...]):
+    """``torch.empty`` in anonymous memory advised for transparent huge pages.
+
+    A batch is tens of MB; from plain malloc every batch is a fresh mmap that the kernel
+    faults in 4 KiB at a time, which cost more than the copy itself (about 4x the CPU of
+    this allocation). The tensor keeps the mapping alive and frees it with the batch.
+    """
+    import mmap
+
+    import torch
+
+    n = int(np.prod(shape))
+    if n * 4 < (4 << 20):
+        return torch.empty(shape, dtype=torch.float32)
+    buf = mmap.mmap(-1, n * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.float32).view(shape)
 
 
 def _first_lines(e: BaseException, n: int = 6) -> str:
@@ -281,20 +326,20 @@ def make_loader(
     seed: int = 0,
     skip_batches: int = 0,
 ) -> MultiCropLoader:
-    """One epoch of DINOv2 multi-crop batches for worker ``rank`` of ``world_size``.
+    """One epoch of view batches (``cfg.recipe``) for worker ``rank`` of ``world_size``.
 
     Yields ``batches_per_epoch(loader.num_samples, cfg, world_size) - skip_batches``
     items, each::
 
-        {"global_crops": float32 (2*B, 3, G, G),          # crop-major: crop 0 of all images, then crop 1
-         "local_crops":  float32 (n_local*B, 3, L, L),    # crop-major as well
-         "masks":        bool (2*B, (G/patch_size)**2),   # iBOT block masks of the global crops
+        {"global_crops": float32 (V*B, 3, G, G),         # crop-major: view 0 of all images, then view 1, ...
+         "local_crops":  float32 (n_local*B, 3, L, L)    # crop-major as well; None when n_local == 0
+         "masks":        bool (V*B, (G/patch_size)**2)   # iBOT block / MAE random masks; None for masking "none"
          "n_images":     B}
 
-    with ``B = cfg.batch_size``, ``G = cfg.global_size``, ``L = cfg.local_size``,
-    normalised with ``cfg.mean``/``cfg.std``, on the GPU when ``cfg.device`` resolves
-    to ``gpu``. The stream is a pure function of (cfg.seed, seed, epoch, rank,
-    world_size, shards): batches ``k..`` of ``make_loader(..., skip_batches=k)``
+    with ``B = cfg.batch_size``, ``V = cfg.n_global``, ``G = cfg.global_size``,
+    ``L = cfg.local_size``, normalised with ``cfg.mean``/``cfg.std``, on the GPU when
+    ``cfg.device`` resolves to ``gpu``. The stream is a pure function of (cfg.seed, seed,
+    epoch, rank, world_size, shards): batches ``k..`` of ``make_loader(..., skip_batches=k)``
     equal batches ``k..`` of an uninterrupted loader.
     """
     return MultiCropLoader(shard_uris, cfg, rank=rank, world_size=world_size, epoch=epoch, seed=seed,

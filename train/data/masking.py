@@ -101,3 +101,13 @@ def batch_masks(
         target = int(n_tokens * rng.uniform(edges[i], edges[i + 1]))
         masks[i] = gen(target, rng).reshape(-1)
     return masks[rng.permutation(n_crops)]
+
+
+def random_masks(n_views: int, n_tokens: int, mask_ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """MAE's per-patch random masks: bool (n_views, n_tokens), each row with exactly
+    ``n_tokens - int(n_tokens * (1 - mask_ratio))`` True (the count ``random_masking`` removes)."""
+    keep = int(n_tokens * (1 - mask_ratio))
+    order = np.argsort(rng.random((n_views, n_tokens)), axis=1)
+    masks = np.ones((n_views, n_tokens), dtype=bool)
+    np.put_along_axis(masks, order[:, :keep], False, axis=1)
+    return masks

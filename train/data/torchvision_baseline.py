@@ -1,4 +1,4 @@
-"""The same DINOv2 multi-crop with torchvision/PIL in a torch DataLoader (baseline only).
+"""The same view recipes with torchvision/PIL in a torch DataLoader (baseline only).
 
 This is DINOv2's ``DataAugmentationDINO`` written with stock torchvision
 transforms over the same WebDataset shards, read with the ``webdataset``
@@ -18,18 +18,18 @@ import torch
 
 from .config import LoaderConfig
 from .dali_pipeline import DECODABLE_EXTS
-from .masking import batch_masks
 
 
 class MultiCropTransform:
-    """PIL image -> list of ``2 + n_local`` normalised crops, as DINOv2's DataAugmentationDINO.
+    """PIL image -> list of ``n_global + n_local`` normalised crops, as DINOv2's DataAugmentationDINO.
 
-    Global crop 1: blur with ``blur_probabilities[0]``; global crop 2: blur with
-    ``[1]`` and solarise with ``solarize_p_global2``; local crops: blur with ``[2]``.
+    Each crop of ``cfg.crops`` gets its recipe's blur and solarisation probabilities.
     """
 
     def __init__(self, cfg: LoaderConfig):
         from torchvision import transforms as T
+
+        from .dali_pipeline import blur_window
 
         interp = T.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
         b, c, s, h = cfg.color_jitter
@@ -39,30 +39,22 @@ class MultiCropTransform:
             T.RandomGrayscale(p=cfg.grayscale_p),
         ])
         normalize = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
-        p_g1, p_g2, p_local = cfg.blur_probabilities
+        window = blur_window(cfg)
 
-        def blur(p: float):
-            # DINOv2's GaussianBlur: kernel 9, sigma ~ U(0.1, 2.0), applied with probability p
-            return T.RandomApply([T.GaussianBlur(kernel_size=cfg.blur_kernel_size or 9, sigma=cfg.blur_sigma)], p=p)
+        def crop_transform(spec):
+            steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, interpolation=interp), color]
+            if spec.blur_p > 0:  # DINOv2's GaussianBlur: sigma ~ U(0.1, 2.0), applied with probability p
+                steps.append(T.RandomApply([T.GaussianBlur(kernel_size=window, sigma=cfg.blur_sigma)], p=spec.blur_p))
+            if spec.solarize_p > 0:
+                steps.append(T.RandomSolarize(threshold=cfg.solarize_threshold, p=spec.solarize_p))
+            return T.Compose(steps + [normalize])
 
-        self.global1 = T.Compose([
-            T.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, interpolation=interp),
-            color, blur(p_g1), normalize,
-        ])
-        self.global2 = T.Compose([
-            T.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, interpolation=interp),
-            color, blur(p_g2), T.RandomSolarize(threshold=cfg.solarize_threshold, p=cfg.solarize_p_global2),
-            normalize,
-        ])
-        self.local = T.Compose([
-            T.RandomResizedCrop(cfg.local_size, scale=cfg.local_scale, interpolation=interp),
-            color, blur(p_local), normalize,
-        ])
-        self.n_local = cfg.n_local
+        self.crops = [crop_transform(spec) for spec in cfg.crops]
+        self.n_global = cfg.n_global
 
     def __call__(self, image) -> list[torch.Tensor]:
-        """(PIL RGB image) -> [global1 (3, G, G), global2, local_1 (3, L, L), ...]."""
-        return [self.global1(image), self.global2(image)] + [self.local(image) for _ in range(self.n_local)]
+        """(PIL RGB image) -> [global_1 (3, G, G), ..., local_1 (3, L, L), ...]."""
+        return [t(image) for t in self.crops]
 
 
 class _Collate:
@@ -73,18 +65,15 @@ class _Collate:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, samples: list[list[torch.Tensor]]) -> dict:
+        from .loader import view_masks
+
         cfg = self.cfg
-        n_local = len(samples[0]) - 2
-        global_crops = torch.stack([s[i] for i in range(2) for s in samples])
-        if n_local:
-            local_crops = torch.stack([s[i] for i in range(2, 2 + n_local) for s in samples])
-        else:
-            local_crops = torch.empty((0, 3, cfg.local_size, cfg.local_size))
-        masks = batch_masks(len(global_crops), cfg.global_size // cfg.patch_size, self.rng,
-                            mask_probability=cfg.mask_probability, mask_ratio=cfg.mask_ratio,
-                            min_num_patches=cfg.mask_min_patches, min_aspect=cfg.mask_min_aspect)
+        V = cfg.n_global
+        n_local = len(samples[0]) - V
+        global_crops = torch.stack([s[i] for i in range(V) for s in samples])
+        local_crops = torch.stack([s[i] for i in range(V, V + n_local) for s in samples]) if n_local else None
         return {"global_crops": global_crops, "local_crops": local_crops,
-                "masks": torch.from_numpy(masks), "n_images": len(samples)}
+                "masks": view_masks(cfg, len(global_crops), self.rng), "n_images": len(samples)}
 
 
 def make_torchvision_loader(shard_paths: list[str], cfg: LoaderConfig, *, num_workers: int | None = None,
