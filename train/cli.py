@@ -55,7 +55,6 @@ def train(data: str, output: str, config_path: str | None, method: str | None, t
     from webcurate.shards.progress import print_table
 
     from .config import load_config
-    from .driver import TrainError
     from .driver import train as run_train
 
     ov = list(overrides)
@@ -67,10 +66,8 @@ def train(data: str, output: str, config_path: str | None, method: str | None, t
     if config_path is None and method is None and not any(o.startswith("method=") for o in ov) and not resume:
         source = _cpu_recipe_if_no_gpu()
     cfg = load_config(source, ov)
-    try:
-        summary = run_train(data, output, cfg, resume=resume)
-    except TrainError as e:  # the workers' own error, already reduced to its cause: no traceback
-        raise click.ClickException(str(e)) from e
+    # A TrainError (a RunError) ends as one line, exit 1, in webcurate's entry point.
+    summary = run_train(data, output, cfg, resume=resume)
     rows = [(k, _fmt(summary[k])) for k in (
         "method", "step", "max_steps", "plan_source", "loss", "dino_global_loss", "ibot_loss", "koleo_loss",
         "teacher_entropy", "kl_to_uniform", "embedding_std", "effective_rank", "alignment", "uniformity", "collapse",

@@ -284,8 +284,12 @@ def check_recipe(cfg: TrainConfig, where: str = "config") -> None:
     """Checks across sections (``ConfigError`` naming the options); model/method fit is checked
     where the timm model is known (``models.resolve_config``)."""
     o, t, spec = cfg.optim, cfg.teacher, cfg.spec
-    for name, v in {"optim.warmup_epochs": o.warmup_epochs, "teacher.warmup_temp_epochs": t.warmup_temp_epochs,
-                    "optim.freeze_last_layer_epochs": o.freeze_last_layer_epochs}.items():
+    warmups = {"optim.warmup_epochs": o.warmup_epochs}
+    if spec.family == "dino":  # only DINO has a teacher temperature; DINO and SwAV freeze prototypes
+        warmups["teacher.warmup_temp_epochs"] = t.warmup_temp_epochs
+    if spec.family in ("dino", "swav"):
+        warmups["optim.freeze_last_layer_epochs"] = o.freeze_last_layer_epochs
+    for name, v in warmups.items():
         if v > o.epochs:  # a warm-up longer than the recipe is never meant
             raise ConfigError(f"{where}: {name} ({v}) exceeds optim.epochs ({o.epochs}); "
                               "warm-ups are parts of the recipe's length")

@@ -133,6 +133,11 @@ def _root_cause(e: BaseException) -> str:
     of a worker traceback that Ray carries as text."""
     seen = set()
     while True:
+        failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: {rank: exception}
+        if isinstance(failures, dict) and failures and id(e) not in seen:
+            seen.add(id(e))
+            e = failures[min(failures)]
+            continue
         nxt = getattr(e, "cause", None) or e.__cause__
         if nxt is None or id(nxt) in seen:
             break

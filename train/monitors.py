@@ -67,6 +67,8 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] < 2:
         return x.new_tensor(float("nan"))
     z = x.float() - x.float().mean(0, keepdim=True)
+    if not bool(torch.isfinite(z).all()):  # a diverged step: the loss check reports it, not the SVD
+        return x.new_tensor(float("nan"))
     s = torch.linalg.svdvals(z)
     if float(s.sum()) <= 0:
         return x.new_tensor(1.0)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .metrics import batch_digest, format_line, truncate_metrics, write_metrics
-from .plan import CALIBRATION_STEPS, BudgetTooShort, Plan, budget_plan, fixed_plan, reserve_seconds
+from .plan import CALIBRATION_STEPS, Plan, budget_plan, fixed_plan, reserve_seconds
 
 
 def _gather_floats(values: list[float], device) -> list[list[float]]:
@@ -59,7 +59,7 @@ def _seconds_per_step(durations: list[float]) -> float:
     return timed[len(timed) // 2]
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the last checkpoint is kept."""
 
 
@@ -176,7 +176,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 data_epoch, data_batch = data_epoch + 1, 0
             bad = [g[-3] for g in gathered if not math.isfinite(g[-3])]
             if bad:
-                raise NonFiniteLoss(f"the {cfg.method} loss is {bad[0]} at step {step}: lower optim.base_lr "
+                raise NonFiniteLossError(f"the {cfg.method} loss is {bad[0]} at step {step}: lower optim.base_lr "
                                     f"(now {cfg.optim.base_lr:g}) or raise optim.warmup_epochs; checkpoints so far "
                                     "are kept (--resume continues from the last)")
             durations.append(max(g[-1] for g in gathered))
@@ -191,10 +191,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if calibrating and len(durations) >= CALIBRATION_STEPS:
                 sps = _seconds_per_step(durations)
                 seconds_left = min(g[-2] for g in gathered)
-                try:
-                    plan = budget_plan(cfg, epoch_length, sps, step, seconds_left)
-                except BudgetTooShort:
-                    raise
+                plan = budget_plan(cfg, epoch_length, sps, step, seconds_left)  # or BudgetTooShort
                 schedules = Schedules.from_config(cfg, plan.total_steps)
                 stop_at = min(plan.total_steps, cfg.run.stop_at_step or plan.total_steps)
                 calibrating = False
@@ -253,4 +250,4 @@ def _summary(cfg: TrainConfig, plan: Plan, recent, stopped_on_time: bool) -> dic
             "stopped_on_time": stopped_on_time, "collapse": verdict or "no collapse detected"}
 
 
-__all__ = ["worker_loop", "NonFiniteLoss"]
+__all__ = ["worker_loop", "NonFiniteLossError"]

@@ -1,8 +1,10 @@
-"""A 2-worker Ray Train run from S3 shards with checkpoints on S3 resumes exactly."""
+"""Resumed runs continue exactly: 2 workers on S3 (DINOv2), and locally without Ray's snapshot (MoCo v2)."""
 from __future__ import annotations
 
 import os
+import shutil
 
+import pytest
 import torch
 
 from webcurate.shards import storage
@@ -100,3 +102,54 @@ def test_checkpoint_reads_straight_from_its_s3_uri_without_a_shared_download_fol
         assert set(rng) == {"torch", "cuda", "numpy", "python"}
         state, rng = read_checkpoint(uri, rank=1)
         assert rng is None and state["step"] == 3
+
+
+MOCO_RESNET = ["method=moco_v2", "model.name=resnet18", "model.stem=small_image", "model.drop_path_rate=0",
+               "model.timm_kwargs={channels: [8, 16, 32, 64], stem_width: 8}", "head.proj_hidden_dim=32",
+               "head.proj_dim=16", "moco.queue_size=32", "loader.global_size=32", "loader.batch_size=4",
+               "loader.num_threads=1", "loader.shuffle_buffer=8", "optim.epochs=2", "optim.warmup_epochs=0.5",
+               "run.num_workers=2", "run.report_every=100", "run.torch_threads=1", "run.checkpoint_every=2",
+               "run.max_steps=4"]
+
+
+def test_resume_without_rays_run_snapshot_continues_from_our_checkpoint_listing(tiny_dataset, tmp_path):
+    """Issue 17.8: the checkpoint folders are there but Ray's snapshot is gone (a copied or pruned
+    output): --resume continues at the last checkpoint, exactly (a two-view method with a queue,
+    an EMA branch and BatchNorm), instead of silently starting at step 0."""
+    from webcurate.train.config import load_config
+    from webcurate.train.driver import train
+
+    whole = str(tmp_path / "whole")
+    train(tiny_dataset, whole, load_config(None, MOCO_RESNET), quiet=True)
+    cut = str(tmp_path / "cut")
+    train(tiny_dataset, cut, load_config(None, MOCO_RESNET + ["run.stop_at_step=2"]), quiet=True)
+    # The output copied without Ray's run snapshot (checkpoint_manager_snapshot.json): our files only.
+    copied = tmp_path / "copied"
+    shutil.copytree(os.path.join(cut, "train", "checkpoint_00000002"), copied / "train" / "checkpoint_00000002")
+    shutil.copytree(os.path.join(cut, "metrics"), copied / "metrics")
+    shutil.copy(os.path.join(cut, "train_config.yaml"), copied / "train_config.yaml")
+    cut = str(copied)
+    summary = train(tiny_dataset, cut, load_config(None, MOCO_RESNET), resume=True, quiet=True)
+    assert summary["step"] == 4
+    a, b = _metrics(whole), _metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra["batch_digest"] == rb["batch_digest"] and abs(ra["loss"] - rb["loss"]) < 1e-5, ra["step"]
+    _, sa = _final_state(whole, tmp_path, "whole")
+    _, sb = _final_state(cut, tmp_path, "cut")
+    assert torch.equal(sa["objective"]["loss_fn.queue"], sb["objective"]["loss_fn.queue"])
+    for part in ("student", "teacher"):
+        for k, v in sa[part].items():
+            assert torch.allclose(v.float(), sb[part][k].float(), atol=1e-6), f"{part}.{k} differs after resume"
+
+
+def test_resume_refuses_checkpoint_folders_that_are_all_incomplete(tiny_dataset, tmp_path):
+    from webcurate.shards.errors import ConfigError
+    from webcurate.train.config import load_config
+    from webcurate.train.driver import train
+
+    out = tmp_path / "run"
+    (out / "train" / "checkpoint_00000002").mkdir(parents=True)
+    (out / "train" / "checkpoint_00000002" / "rng-rank0.pt").write_bytes(b"")  # cut short before state.pt
+    with pytest.raises(ConfigError, match="holds checkpoint folders but none is complete"):
+        train(tiny_dataset, str(out), load_config(None, MOCO_RESNET), resume=True, quiet=True)
