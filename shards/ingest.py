@@ -41,6 +41,7 @@ class IngestResult:
     seconds: float
     failed_shards: dict[int, str]
     shards_written: int = 0  # by this call; 0 when every shard was complete already
+    already_present: int = 0  # --append: URLs the dataset held already (not fetched)
 
 
 def _read_source(row: dict[str, Any], base: str | None, opts: FetchOptions, downloader: Downloader,
@@ -97,9 +98,10 @@ def ingest_shard(
     fetch_opts: FetchOptions,
     threads: int,
     dedup: bool,
+    first_shard: int = 0,
 ) -> dict[str, Any]:
-    """Fetch, validate, transform and write shard ``shard``; return its stats."""
-    rows = table.slice(shard * shard_size, shard_size).to_pylist()
+    """Fetch, validate, transform and write shard ``shard`` (rows of ``table`` from ``first_shard`` on)."""
+    rows = table.slice((shard - first_shard) * shard_size, shard_size).to_pylist()
     writer = ShardWriter(root, shard, extra_schema=extra_columns(table))
     try:
         results, fetch_stats = fetch_and_process(rows, base, image_opts, fetch_opts, threads)
@@ -108,25 +110,32 @@ def ingest_shard(
         for row, (img, err) in zip(rows, results):
             key = row.pop("key")
             row.pop(INPUT_ERROR, None)
-            meta = {k: v for k, v in row.items()}
-            if err is not None:
-                status = STATUS_OPTED_OUT if getattr(err, "reason", "") == "opted_out" else STATUS_FAILED
-                writer.add_failure(key, meta, status, str(err))
-                continue
-            if dedup and img.sha256 in first_by_hash:
-                meta.update(sha256=img.sha256, width=img.width, height=img.height,
-                            duplicate_of=first_by_hash[img.sha256])
-                writer.add_failure(key, meta, STATUS_DUPLICATE, f"duplicate: same pixels as {first_by_hash[img.sha256]}")
-                continue
-            first_by_hash.setdefault(img.sha256, key)
-            meta.update(width=img.width, height=img.height, original_width=img.original_width,
-                        original_height=img.original_height, sha256=img.sha256)
-            writer.add(key, img.data, img.ext, meta, caption=row.get("caption"))
+            write_result(writer, key, row, img, err, first_by_hash if dedup else None)
         stats = writer.commit()
         stats["fetch"] = fetch_stats
         return stats
     finally:
         writer.cleanup()
+
+
+def write_result(writer: ShardWriter, key: str, meta: dict[str, Any], img: Any, err: Exception | None,
+                 first_by_hash: dict[str, str] | None) -> None:
+    """One input's outcome as the writer's next row: a failure, a within-shard duplicate
+    (``first_by_hash`` maps pixel hashes seen so far to their key; None: no dedup), or a sample."""
+    meta = dict(meta)
+    if err is not None:
+        status = STATUS_OPTED_OUT if getattr(err, "reason", "") == "opted_out" else STATUS_FAILED
+        writer.add_failure(key, meta, status, str(err))
+        return
+    if first_by_hash is not None and img.sha256 in first_by_hash:
+        meta.update(sha256=img.sha256, width=img.width, height=img.height, duplicate_of=first_by_hash[img.sha256])
+        writer.add_failure(key, meta, STATUS_DUPLICATE, f"duplicate: same pixels as {first_by_hash[img.sha256]}")
+        return
+    if first_by_hash is not None:
+        first_by_hash[img.sha256] = key
+    meta.update(width=img.width, height=img.height, original_width=img.original_width,
+                original_height=img.original_height, sha256=img.sha256)
+    writer.add(key, img.data, img.ext, meta, caption=meta.get("caption"))
 
 
 def _refuse_all_code_errors(shard: int, results: list[tuple[Any, Exception | None]]) -> None:
@@ -337,11 +346,27 @@ def run_ingest(params: "IngestParams") -> str:
     if params.adopt:
         ds = adopt(params.input, workers=params.workers, max_member_bytes=params.max_bytes)
         return f"adopted {ds.num_shards} shard(s) in place: {params.input}"
-    result = ingest(params.input, params.output, **params.ingest_kwargs())
+    if params.retry_failed:
+        from .retry_failed import parse_reasons, retry_failed
+
+        rec = retry_failed(params.output, parse_reasons(params.retry_failed), workers=params.workers,
+                           threads=params.threads, fetch_opts=params.fetch_options(),
+                           max_task_pixels=params.max_task_pixels)
+        return (f"retried {rec['retried']} failed row(s) ({', '.join(rec['reasons'])}) in {len(rec['shards'])} "
+                f"shard(s) of {params.output}: {rec['recovered']} recovered")
+    if params.append:
+        from .append import append_urls
+
+        result = append_urls(params.input, params.output, url_col=params.url_col, caption_col=params.caption_col,
+                             label_col=params.label_col, workers=params.workers, threads=params.threads,
+                             fetch_opts=params.fetch_options(), max_task_pixels=params.max_task_pixels)
+        verb = f"appended {result.num_shards} shard(s) ({result.already_present} URL(s) already present)"
+    else:
+        result = ingest(params.input, params.output, **params.ingest_kwargs())
+        verb = f"wrote {result.num_shards} shard(s)"
     c = result.counts
-    return (f"wrote {result.num_shards} shard(s) to {params.output}: {c.get('ok', 0)} ok, "
-            f"{c.get('failed', 0)} failed, {c.get('duplicate', 0)} duplicates, "
-            f"{c.get('opted_out', 0)} opted out in {result.seconds:.1f}s")
+    return (f"{verb} to {params.output}: {c.get('ok', 0)} ok, {c.get('failed', 0)} failed, "
+            f"{c.get('duplicate', 0)} duplicates, {c.get('opted_out', 0)} opted out in {result.seconds:.1f}s")
 
 
 def ingest(input_uri: str, output: str, **kwargs: Any) -> IngestResult:

@@ -124,12 +124,25 @@ class ShardWriter:
         if caption:
             members["txt"] = caption.encode("utf-8")
         for suffix in sorted(members):
-            data = members[suffix]
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uname = info.gname = "webcurate"
-            self._tar.addfile(info, io.BytesIO(data))
+            self._add_member(f"{key}.{suffix}", members[suffix])
         self.rows.append(full)
+
+    def add_verbatim(self, row: dict[str, Any], members: dict[str, bytes] | None = None) -> None:
+        """Keep an existing index row as it is, with its tar members byte for byte (in the order
+        given, which is the order they were written in); used when a shard is rewritten."""
+        if members:
+            if row["key"] in self._keys:
+                raise DuplicateKey(f"key {row['key']} is already in shard {self.shard:05d}")
+            self._keys.add(row["key"])
+            for suffix, data in members.items():
+                self._add_member(f"{row['key']}.{suffix}", data)
+        self.rows.append(dict(row))
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        info.uname = info.gname = "webcurate"
+        self._tar.addfile(info, io.BytesIO(data))
 
     def add_failure(self, key: str, row: dict[str, Any], status: str, error: str) -> None:
         full = empty_row(key, self.shard, row.get("source") or "")
