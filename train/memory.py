@@ -92,7 +92,9 @@ def estimate_worker_memory(cfg) -> MemoryEstimate:
     moments = 2 if cfg.optim.name == "adamw" else 1
     copies = n_params * (1 + (1 if teacher is not None else 0) + 1) + n_trainable * (1 + moments)
     param_bytes = copies * 4
-    small, large = 2, 4
+    # Two batch sizes: the difference is per-image. Batch-statistics losses and BatchNorm heads
+    # need 2 images; DINO's (large ViT) models are cheaper to probe at 1 and 2.
+    small, large = (1, 2) if cfg.spec.family == "dino" else (2, 4)
     a = _saved_bytes(student, teacher, objective, cfg, small)
     b = _saved_bytes(student, teacher, objective, cfg, large)
     act = max(b - a, 0) / (large - small)

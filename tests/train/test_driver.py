@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -98,3 +99,32 @@ def test_worker_runtime_env_carries_s3_settings_but_never_credentials():
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["AWS_REGION"] == "eu-west-1"
     leaked = [k for k in env if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
     assert not leaked, f"credentials would be stored in Ray's runtime_env: {leaked}"
+
+
+def test_memory_check_names_the_batch_size_and_a_value_that_fits(train_helpers):
+    from webcurate.train.memory import check_fits, estimate_worker_memory
+    from webcurate.train.models import resolve_config
+
+    cfg = resolve_config(load_config(None, train_helpers.TINY + ["loader.batch_size=2000000"]))
+    est = estimate_worker_memory(cfg)
+    assert est.per_image > 0 and est.param_bytes > 0
+    with pytest.raises(ConfigError, match=r"loader.batch_size=2000000 with 2 x 32 px \+ 2 x 16 px crops needs "
+                                          r"~.* GiB per worker .* loader.batch_size=(\d+) fits") as e:
+        check_fits(cfg, 2, local=True, estimate=est)
+    fits = int(re.search(r"loader.batch_size=(\d+) fits", str(e.value)).group(1))
+    assert 2 <= fits < 2000000
+    check_fits(resolve_config(load_config(None, train_helpers.TINY + [f"loader.batch_size={fits}"])), 2,
+               local=True, estimate=est)  # the value it names does fit
+
+
+def test_no_config_on_a_cpu_only_machine_picks_a_cpu_recipe_that_fits(capsys):
+    from webcurate.train.cli import _cpu_recipe_if_no_gpu
+    from webcurate.train.memory import check_fits
+    from webcurate.train.models import resolve_config
+
+    recipe = _cpu_recipe_if_no_gpu()
+    assert recipe is not None, "this test machine has no GPU"
+    assert "using the CPU recipe" in capsys.readouterr().err
+    cfg = resolve_config(load_config(recipe))
+    assert cfg.method != "dinov2" and cfg.loader.global_size <= 64
+    check_fits(cfg, cfg.run.num_workers, local=True)
