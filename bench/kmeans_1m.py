@@ -138,7 +138,7 @@ def run_side(side: str, data: str, levels: list[int], seed: int) -> dict:
 
 
 def quality(data: str, side: str, target: int, seed: int) -> dict:
-    from webcurate.curation.sampling import balanced_sample, size_entropy
+    from webcurate.curation.water_fill import balanced_sample, size_entropy
 
     labels = np.load(os.path.join(data, f"labels_{side}.npy"))
     dist = np.load(os.path.join(data, f"dist_{side}.npy"))
@@ -189,7 +189,7 @@ def main() -> None:
         results[side].update(quality(data, side, args.n // 10, args.seed))
         print(json.dumps(results[side]), flush=True)  # partial results survive a later interruption
     concept = np.load(os.path.join(data, "concept.npy"))
-    from webcurate.curation.sampling import size_entropy
+    from webcurate.curation.water_fill import size_entropy
 
     rand = np.random.default_rng(args.seed).choice(args.n, args.n // 10, replace=False)
     print(f"\nhierarchical k-means, {args.n} x {args.dim}, levels {args.levels} "

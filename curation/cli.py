@@ -1,41 +1,110 @@
-"""`webcurate cluster | sample | export | report | curate`.
+"""CLI: ``webcurate embed | dedup | retrieve | cluster | sample | export | report | curate``.
 
-Only click is imported here; each command imports its stage when it runs,
-so `webcurate --help` stays fast.
+Every option comes from the stage's parameter model (``stage_params.py``):
+the same names, types, defaults and help as the ``curate`` YAML sections.
+Only click and pydantic are imported here; each command imports its stage
+when it runs, so ``webcurate --help`` stays fast.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import click
 
-from .stage_report import report_option, write_stage_report
+from webcurate.shards.params import click_options, from_cli
+
+from .stage_params import (ClusterParams, DedupParams, EmbedParams, ExportParams, RetrieveParams, SampleParams,
+                           TaskResources)
+
+
+def report_option(f: Callable) -> Callable:
+    """Add ``--report/--no-report`` (default on) to a curation command."""
+    return click.option("--report/--no-report", "make_report", default=True, show_default=True,
+                        help="Write the dataset's HTML report (DATASET/report.html) at the end and say where.")(f)
+
+
+def input_option(help_: str) -> Callable[[Callable], Callable]:
+    return click.option("--input", "input_uri", required=True, metavar="DATASET", help=help_)
+
+
+def write_stage_report(dataset: str, enabled: bool) -> str | None:
+    """Write ``dataset``'s report when ``enabled``; returns its URI.
+
+    A report that cannot be written is a warning, not a failure: the stage's
+    output is already complete and recorded by then.
+    """
+    if not enabled:
+        return None
+    from .report import write_report
+
+    try:
+        uri = write_report(dataset)
+    except Exception as e:  # noqa: BLE001 - the stage succeeded; say why the page is missing
+        click.echo(f"warning: report not written ({type(e).__name__}: {e})", err=True)
+        return None
+    click.echo(f"report: {uri}")
+    return uri
+
+
+def _options(model, kw: dict[str, Any]) -> dict[str, Any]:
+    return from_cli(model, kw).model_dump()
+
+
+@click.command("embed")
+@input_option("Dataset folder or s3:// prefix to embed (made by `webcurate shard`).")
+@click_options(EmbedParams)
+def embed(input_uri: str, **kw: Any) -> None:
+    """Embed every image with a timm backbone into DATASET/embeddings/ (L2-normalised).
+
+    Resumable: shards already embedded with the same model and weights are
+    skipped. Undecodable images (and zero/constant vectors) are recorded with
+    status=failed. Ends with the embedding health (do the vectors separate
+    images?) and a copy-threshold calibration for `dedup --threshold auto`.
+    """
+    from .embed import run_embed
+
+    run_embed(input_uri, **_options(EmbedParams, kw))
+
+
+@click.command("dedup")
+@input_option("Dataset to deduplicate (with embeddings unless --method exact).")
+@click_options(DedupParams)
+@click_options(TaskResources)
+@report_option
+def dedup(input_uri: str, make_report: bool, **kw: Any) -> None:
+    """Decide which samples to keep; writes DATASET/dedup/ (keep, duplicate_of, similarity, reason).
+
+    Runs as Ray tasks over the embedding parts; refuses (before writing
+    anything) to remove more than --max-removal of the pool unless
+    --allow-mass-removal is given, and shows why.
+    """
+    from .dedup import run_dedup
+
+    run_dedup(input_uri, resources=from_cli(TaskResources, kw), **_options(DedupParams, kw))
+    write_stage_report(input_uri, make_report)
+
+
+@click.command("retrieve")
+@input_option("The pool dataset to select from.")
+@click_options(RetrieveParams, required=["seeds"])
+@click_options(TaskResources)
+@report_option
+def retrieve(input_uri: str, make_report: bool, **kw: Any) -> None:
+    """Select pool samples near seed datasets; writes DATASET/retrieve/ (selected, score, seed_key)."""
+    from .retrieve import run_retrieve
+
+    result = run_retrieve(input_uri, resources=from_cli(TaskResources, kw), **_options(RetrieveParams, kw))
+    if result.message:
+        click.echo(f"note: {result.message}", err=True)
+    write_stage_report(input_uri, make_report)
 
 
 @click.command("cluster")
-@click.option("--input", "input_uri", required=True, help="Dataset folder or s3:// prefix with an `embeddings` table.")
-@click.option("--levels", default="10000,1000,100", show_default=True,
-              help="k per level, finest first: level 1 clusters the samples, level t clusters level t-1's "
-                   "centroids. A k larger than what it clusters is lowered to that, with a warning.")
-@click.option("--resampling-steps", default="10", show_default=True,
-              help="Resampling steps per level (re-run k-means on the points closest to each centroid, then "
-                   "re-assign). One number applies to every level (level 1 is skipped when it is large); "
-                   "a list like 0,10,10 sets each level.")
-@click.option("--sample-size", default="auto", show_default=True,
-              help="Points taken per cluster in a resampling step: a number, a list per level, or auto "
-                   "(half the mean cluster size of the level).")
-@click.option("--resample-strategy", type=click.Choice(["closest", "random"]), default="closest", show_default=True,
-              help="Which points of a cluster a resampling step takes.")
-@click.option("--subset", type=click.Choice(["auto", "all", "dedup", "retrieve"]), default="auto", show_default=True,
-              help="Which samples to cluster: the retrieved ones, the dedup survivors, or all embedded ones; "
-                   "auto takes the latest of these that exists.")
-@click.option("--niter", default=20, show_default=True, help="Lloyd iterations of each k-means.")
-@click.option("--method", type=click.Choice(["auto", "flat", "split"]), default="auto", show_default=True,
-              help="Level-1 k-means: flat (one faiss k-means), split (coarse cells split in proportion to "
-                   "their size, then global refinement; for millions of points x thousands of clusters), "
-                   "or auto by problem size.")
-@click.option("--seed", default=0, show_default=True, help="Random seed: the same seed gives the same clusters.")
+@input_option("Dataset folder or s3:// prefix with an `embeddings` table.")
+@click_options(ClusterParams)
+@click_options(TaskResources, exclude=["num_gpus"])
 @report_option
-def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy, subset, niter, method, seed,
-            make_report):
+def cluster(input_uri: str, make_report: bool, **kw: Any) -> None:
     """Hierarchical k-means with resampling over the dataset's embeddings.
 
     Writes the `clusters` table (key, status, level_1..level_L, distance to
@@ -48,23 +117,16 @@ def cluster(input_uri, levels, resampling_steps, sample_size, resample_strategy,
     """
     from .cluster import run_cluster
 
-    run_cluster(input_uri, levels=levels, resampling_steps=resampling_steps, sample_size=sample_size,
-                sample_strategy=resample_strategy, niter=niter, seed=seed, method=method, subset=subset)
+    run_cluster(input_uri, resources=from_cli(TaskResources, kw), **_options(ClusterParams, kw))
     write_stage_report(input_uri, make_report)
 
 
 @click.command("sample")
-@click.option("--input", "input_uri", required=True, help="Dataset folder or s3:// prefix with a `clusters` table.")
-@click.option("--target", required=True, type=int, help="How many samples to select (all of them if fewer exist).")
-@click.option("--strategy", type=click.Choice(["random", "closest"]), default="random", show_default=True,
-              help="Within a level-1 cluster take random samples, or those closest to the centroid.")
-@click.option("--seed", default=0, show_default=True, help="Random seed for ties and the random strategy.")
-@click.option("--min-score", multiple=True, metavar="NAME=VALUE",
-              help="Leave out samples whose `webcurate score --name NAME` score is below VALUE (repeatable).")
-@click.option("--weight-by", default=None, metavar="NAME",
-              help="Within each cluster, draw with probability growing with score NAME (replaces --strategy).")
+@input_option("Dataset folder or s3:// prefix with a `clusters` table.")
+@click_options(SampleParams)
+@click_options(TaskResources, exclude=["num_gpus"])
 @report_option
-def sample(input_uri, target, strategy, seed, min_score, weight_by, make_report):
+def sample(input_uri: str, make_report: bool, **kw: Any) -> None:
     """Balanced sampling: water-fill --target over the cluster hierarchy.
 
     Top-down, each cluster's share is split over its child clusters so that
@@ -77,19 +139,16 @@ def sample(input_uri, target, strategy, seed, min_score, weight_by, make_report)
     """
     from .sample import run_sample
 
-    run_sample(input_uri, target, strategy=strategy, seed=seed, min_score=list(min_score), weight_by=weight_by)
+    run_sample(input_uri, resources=from_cli(TaskResources, kw), **_options(SampleParams, kw))
     write_stage_report(input_uri, make_report)
 
 
 @click.command("export")
-@click.option("--input", "input_uri", required=True, help="The curated dataset (folder or s3:// prefix).")
+@input_option("The curated dataset (folder or s3:// prefix).")
 @click.option("--output", required=True, help="Where to write the new dataset (folder or s3:// prefix).")
-@click.option("--selection", type=click.Choice(["auto", "sample", "retrieve", "dedup"]), default="auto",
-              show_default=True,
-              help="Which selection to export; auto takes the latest: sample, else retrieve, else dedup survivors.")
-@click.option("--workers", default=None, type=int, help="Shards copied at once (default: one per Ray CPU).")
+@click_options(ExportParams)
 @report_option
-def export(input_uri, output, selection, workers, make_report):
+def export(input_uri: str, output: str, make_report: bool, **kw: Any) -> None:
     """Copy the selected samples into a new dataset (bytes copied, not re-encoded).
 
     Cluster ids, dedup decisions and retrieval scores are merged into each
@@ -99,17 +158,17 @@ def export(input_uri, output, selection, workers, make_report):
     Example:
       webcurate export --input data/web --output s3://bucket/web-curated
     """
-    from .export import run_export
+    from .export_selection import run_export
 
-    res = run_export(input_uri, output, selection=selection, workers=workers)
-    click.echo(f"exported {res['exported']} samples ({res['selection']} selection) to {res['output']}")
-    write_stage_report(res["output"], make_report)
+    res = run_export(input_uri, output, **_options(ExportParams, kw))
+    click.echo(f"exported {res.info['exported']} samples ({res.info['selection']} selection) to {output}")
+    write_stage_report(output, make_report)
 
 
 @click.command("report")
 @click.argument("dataset")
 @click.option("--output", default=None, help="HTML file to write (local or s3://); default DATASET/report.html.")
-def report(dataset, output):
+def report(dataset: str, output: str | None) -> None:
     """Write a self-contained HTML report of DATASET.
 
     Counts, cluster grids (largest first), cluster sizes before/after
@@ -126,16 +185,17 @@ def report(dataset, output):
               help="YAML file (local or s3://) with input, output and one section per step; "
                    "see docs/examples/curate.yaml.")
 @click.option("--quiet", is_flag=True, help="Only the final summary table.")
-def curate(config, quiet):
-    """Run embed -> dedup -> retrieve -> cluster -> sample -> export and the report.
+def curate(config: str, quiet: bool) -> None:
+    """Run embed -> filter -> dedup -> retrieve -> cluster -> sample -> export and the report.
 
-    Each step is skipped when its output is already complete with the same
-    parameters, and resumes where it stopped otherwise; re-run the same
-    command after an interruption.
+    Every parameter is checked before any work starts. Each step is skipped
+    when its output is already complete with the same parameters, and
+    resumes where it stopped otherwise; re-run the same command after an
+    interruption.
     """
     from .curate import run_curate
 
     run_curate(config, verbose=not quiet)
 
 
-COMMANDS = [cluster, sample, export, report, curate]
+COMMANDS = [embed, dedup, retrieve, cluster, sample, export, report, curate]

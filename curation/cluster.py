@@ -1,177 +1,192 @@
-"""`webcurate cluster`: hierarchical k-means over a dataset's embeddings.
+"""``webcurate cluster``: hierarchical k-means over a dataset's embeddings, as Ray tasks.
 
-Reads the ``embeddings`` sidecar, keeps the latest selection made so far
-(``--subset auto``: the retrieved samples when a ``retrieve`` sidecar
-exists, else the ``dedup`` survivors, else everything), runs hierarchical
-k-means with resampling (``kmeans.hierarchical_kmeans``) and writes:
+The selection clustered (``--subset auto``): the retrieved samples when a
+``retrieve`` sidecar exists, else the ``dedup`` survivors, else everything.
 
-- ``<root>/clusters/part-<shard>.parquet``: one row per embedded key with
-  ``status`` (``ok`` = clustered; ``duplicate`` when dedup removed it;
-  ``not_retrieved`` when clustering the retrieved subset), ``level_1`` ..
-  ``level_L`` (int32 cluster ids, -1 when not clustered) and ``distance``
-  (float32 L2 distance to the level-1 centroid, NaN when not clustered);
-- ``<root>/clusters/centroids_level_<t>.npy``: (k_t, D) float32 centroids;
-- ``<root>/clusters/parents_level_<t>.npy``: (k_t,) int32, the level-(t+1)
-  cluster of each level-t centroid (t < L).
+1. ``sample_task``: every part gives a seeded share of its selected vectors
+   (all of them when the pool fits ``--memory-per-task``: the result is then
+   exactly the one-process clustering);
+2. ``train_task``: hierarchical k-means with resampling (``kmeans.py``) on
+   that sample; when the sample holds fewer than ``MIN_PER_CENTROID`` points
+   per level-1 centroid, ``REFINE_ITERS`` distributed Lloyd iterations over
+   every part move the level-1 centroids (sums and counts reduced in the
+   driver) and the upper levels are re-clustered on them;
+3. ``write_task``: every part assigns its vectors to the nearest level-1
+   centroid (exact), derives the upper levels through the parent maps and
+   writes ``<root>/clusters/part-<shard>.parquet``: key, status (``ok``,
+   ``duplicate`` when dedup removed it, ``not_retrieved``), ``level_1`` ..
+   ``level_L`` (int32, -1 when not clustered) and ``distance`` (float32 L2
+   distance to the level-1 centroid, NaN when not clustered).
 
-The stage is recorded in the manifest like any other; re-running with the
-same parameters on unchanged inputs skips; a change of parameters, of the
-embeddings or of the dedup/retrieve selection recomputes. Embeddings with
-NaN, or missing for some shards, are refused with the keys/shards named.
+Also ``<root>/clusters/centroids_level_<t>.npy`` ((k_t, D) float32) and
+``parents_level_<t>.npy`` ((k_t,) int32, the level-(t+1) cluster of each
+level-t centroid). The driver holds only centroids and per-cluster counts.
 """
 from __future__ import annotations
 
 import io
-import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from webcurate.shards import storage
 from webcurate.shards.dataset import Dataset, DatasetError
+from webcurate.shards.stage import StageResult
 
-from . import global_stage
-from .kmeans import Hierarchy, hierarchical_kmeans
+from .embedding_parts import EmbeddingSet, embedding_set, read_part
+from .ray_tasks import map_tasks
+from .stage_params import ClusterParams, TaskResources
 
 STAGE = "clusters"
-EMBEDDINGS = "embeddings"
-DEDUP = "dedup"
-
-RETRIEVE = "retrieve"
-SUBSETS = ("auto", "all", DEDUP, RETRIEVE)
-
-STATUS_OK = "ok"
-STATUS_DUPLICATE = "duplicate"
-STATUS_NOT_RETRIEVED = "not_retrieved"
-
-
-@dataclass
-class Points:
-    """The vectors a stage works on, with where each came from.
-
-    keys: N embedded sample keys; shards: (N,) int32 shard of each key;
-    status: (N,) per-key outcome (ok / duplicate / not_retrieved); X: (M, D)
-    float32 L2-normalised embeddings of the ``ok`` keys only, in key order;
-    subset: which selection was clustered (all / dedup / retrieve).
-    """
-
-    keys: list[str]
-    shards: np.ndarray
-    status: np.ndarray
-    X: np.ndarray
-    dim: int
-    subset: str = "all"
-    fingerprint: dict | None = None
-
-    @property
-    def ok(self) -> np.ndarray:
-        return self.status == STATUS_OK
-
-
-def _removed_by(ds: Dataset, stage: str, column: str) -> set[str]:
-    """Keys whose boolean ``column`` in sidecar ``stage`` is false."""
-    table = ds.read_sidecar(stage, columns=["key", column])
-    return {k for k, v in zip(table["key"].to_pylist(), table[column].to_pylist()) if not v}
+DEDUP, RETRIEVE = "dedup", "retrieve"
+STATUS_OK, STATUS_DUPLICATE, STATUS_NOT_RETRIEVED = "ok", "duplicate", "not_retrieved"
+MIN_PER_CENTROID = 32
+REFINE_ITERS = 2
 
 
 def resolve_subset(ds: Dataset, subset: str) -> str:
-    """Which keys to cluster: ``auto`` -> retrieve (when complete), else dedup, else all."""
-    from webcurate.shards.errors import ConfigError
+    """Which keys to cluster: ``auto`` -> retrieve (when it exists), else dedup, else all."""
+    from webcurate.shards.global_stage import require_complete
 
-    if subset not in SUBSETS:
-        raise ConfigError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     if subset != "auto":
         if subset != "all":
-            global_stage.require_complete(ds, subset, "dedup" if subset == DEDUP else "retrieve")
+            require_complete(ds, subset, "dedup" if subset == DEDUP else "retrieve")
         return subset
     for stage in (RETRIEVE, DEDUP):
         if ds.sidecar_completed(stage):
-            global_stage.require_complete(ds, stage, "dedup" if stage == DEDUP else "retrieve")
+            require_complete(ds, stage, "dedup" if stage == DEDUP else "retrieve")
             return stage
     return "all"
 
 
-def load_points(ds: Dataset, *, subset: str = "auto") -> Points:
-    """The embeddings to cluster, with each embedded key's outcome.
-
-    ``subset``: ``all`` embedded samples; ``dedup`` survivors; ``retrieve``d
-    samples (which retrieval already took from dedup survivors); ``auto``
-    picks the narrowest that exists. Raises a DatasetError naming the problem
-    when embeddings are missing, partial or hold NaN, or when the chosen
-    sidecar is partial.
-    """
-    from .vectors import read_embeddings
-
-    chosen = resolve_subset(ds, subset)
-    emb = read_embeddings(ds.root)
-    keys = list(emb.keys)
+def part_points(root: str, shard: int, dim: int, subset: str):
+    """A part's embedded keys, their status under ``subset`` and the vectors of the ``ok`` ones."""
+    part = read_part(root, shard, dim)
+    keys = part.keys
     status = np.full(len(keys), STATUS_OK, dtype=object)
-    if chosen == DEDUP:
-        removed = _removed_by(ds, DEDUP, "keep")
-        status[np.fromiter((k in removed for k in keys), dtype=bool, count=len(keys))] = STATUS_DUPLICATE
-    elif chosen == RETRIEVE:
-        dropped = _removed_by(ds, RETRIEVE, "selected")
-        status[np.fromiter((k in dropped for k in keys), dtype=bool, count=len(keys))] = STATUS_NOT_RETRIEVED
-    ok = status == STATUS_OK
-    return Points(keys=keys, shards=np.asarray(emb.shards, dtype=np.int32), status=status,
-                  X=np.ascontiguousarray(emb.vectors[ok]), dim=emb.dim, subset=chosen,
-                  fingerprint=emb.fingerprint())
-
-
-def parse_levels(text: str | Sequence[int]) -> list[int]:
-    """``"10000,1000,100"`` -> ``[10000, 1000, 100]`` (finest first, each >= 1)."""
-    from webcurate.shards.errors import ConfigError
-
-    if isinstance(text, str):
-        try:
-            vals = [int(x) for x in text.replace(" ", "").split(",") if x]
-        except ValueError as e:
-            raise ConfigError(f"--levels must be comma-separated integers like 10000,1000,100, got {text!r}") from e
-    else:
-        vals = [int(x) for x in text]
-    if not vals or any(v < 1 for v in vals):
-        raise ConfigError(f"--levels must be positive integers, finest first (e.g. 10000,1000,100), got {text!r}")
-    return vals
-
-
-def parse_int_list(text: str | int | Sequence[int] | None, name: str) -> int | list[int] | None:
-    """``None``/``"auto"`` -> None, ``"5"`` -> 5, ``"0,10,10"`` -> [0, 10, 10]."""
-    from webcurate.shards.errors import ConfigError
-
-    if text is None or text == "auto":
-        return None
-    if isinstance(text, int):
-        return text
-    if isinstance(text, (list, tuple)):
-        return [int(x) for x in text]
-    try:
-        vals = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError as e:
-        raise ConfigError(f"{name} must be an integer or a comma-separated list, got {text!r}") from e
-    return vals[0] if len(vals) == 1 else vals
-
-
-def _upstream(ds: Dataset, subset: str) -> dict[str, Any]:
-    """What the clustering depends on, so a change upstream invalidates it."""
-    stages = ds.manifest.get("stages", {})
-    up = {EMBEDDINGS: (stages.get(EMBEDDINGS) or {}).get("parameters")}
     if subset in (DEDUP, RETRIEVE):
-        up[subset] = (stages.get(subset) or {}).get("parameters")
-    return up
+        col = "keep" if subset == DEDUP else "selected"
+        t = Dataset(root).read_sidecar_part(subset, shard, columns=["key", col])
+        out = {k for k, v in zip(t["key"].to_pylist(), t[col].to_pylist()) if not v}
+        gone = np.fromiter((k in out for k in keys), dtype=bool, count=len(keys))
+        status[gone] = STATUS_DUPLICATE if subset == DEDUP else STATUS_NOT_RETRIEVED
+    return keys, status, part.vectors[status == STATUS_OK]
 
 
-def cluster_parameters(ds: Dataset, *, levels: list[int], resampling_steps: int | list[int],
-                       sample_size: int | list[int] | None, sample_strategy: str, niter: int, seed: int,
-                       method: str, subset: str) -> dict[str, Any]:
-    """The stage parameters recorded in the manifest (``subset`` already resolved)."""
-    return {
-        "levels": list(levels), "resampling_steps": resampling_steps, "sample_size": sample_size,
-        "resample_strategy": sample_strategy, "niter": niter, "seed": seed, "method": method,
-        "subset": subset, "upstream": _upstream(ds, subset),
-    }
+def sample_task(shard: int, *, root: str, dim: int, subset: str, rate: float, seed: int) -> tuple:
+    """``(selected points in the part, seeded share ``rate`` of their vectors in row order)``."""
+    _, _, x = part_points(root, shard, dim, subset)
+    return len(x), (x if rate >= 1 else x[np.random.default_rng([seed, shard]).random(len(x)) < rate])
+
+
+def train_task(_: int, *, samples: list, params: dict) -> dict:
+    """Hierarchical k-means of the concatenated samples: centroids, parents, per-level info, warnings."""
+    import ray
+
+    from .kmeans import hierarchical_kmeans
+
+    x = np.concatenate(ray.get(samples))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # collected in hier.warnings
+        hier = hierarchical_kmeans(x, params["levels"], resampling_steps=params["steps"],
+                                   sample_sizes=params["sizes"], sample_strategy=params["strategy"],
+                                   niter=params["niter"], seed=params["seed"], method=params["method"],
+                                   progress=False)
+    return {"centroids": [lv.centroids for lv in hier.levels],
+            "parents": [hier.parents(t) for t in range(1, len(hier.levels))],
+            "levels": [{"k_requested": lv.requested_k, "k": lv.k, "resampling_steps": lv.resampling_steps,
+                        "sample_size": lv.sample_size, "method": lv.method} for lv in hier.levels],
+            "warnings": list(hier.warnings), "points": int(len(x))}
+
+
+def lloyd_task(shard: int, *, root: str, dim: int, subset: str, centroids: np.ndarray) -> tuple:
+    """One Lloyd step's share of one part: per-centroid sums (k, D) float64 and counts."""
+    from .kmeans import assign
+
+    _, _, x = part_points(root, shard, dim, subset)
+    k = centroids.shape[0]
+    sums = np.zeros((k, dim), dtype=np.float64)
+    if len(x):
+        a, _ = assign(x, centroids, approximate=False)
+        np.add.at(sums, a, x.astype(np.float64))
+        return sums, np.bincount(a, minlength=k)
+    return sums, np.zeros(k, dtype=np.int64)
+
+
+def refine(root: str, shards: list[int], dim: int, subset: str, trained: dict, params: dict,
+           memory: int) -> dict:
+    """Distributed Lloyd iterations on level 1, then the upper levels again on the moved centroids."""
+    c1 = trained["centroids"][0]
+    for _ in range(REFINE_ITERS):
+        acc = {"sums": np.zeros_like(c1, dtype=np.float64), "counts": np.zeros(len(c1), np.int64)}
+
+        def take(_: int, r: tuple) -> None:
+            acc["sums"] += r[0]
+            acc["counts"] += r[1]
+
+        map_tasks(lloyd_task, shards, kwargs={"root": root, "dim": dim, "subset": subset, "centroids": c1},
+                  desc="lloyd", memory=memory, on_result=take)
+        nz = acc["counts"] > 0
+        c1 = c1.copy()
+        c1[nz] = (acc["sums"][nz] / acc["counts"][nz, None]).astype(np.float32)
+    if len(params["levels"]) == 1:
+        return {**trained, "centroids": [c1]}
+    from .kmeans import hierarchical_kmeans
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hier = hierarchical_kmeans(c1, params["levels"][1:], resampling_steps=_tail(params["steps"]),
+                                   sample_sizes=_tail(params["sizes"]), sample_strategy=params["strategy"],
+                                   niter=params["niter"], seed=params["seed"] + 1, method="flat", progress=False)
+    return {**trained, "centroids": [c1] + [lv.centroids for lv in hier.levels],
+            "parents": [lv.assignment.astype(np.int32) for lv in hier.levels[:1]]
+            + [hier.parents(t) for t in range(1, len(hier.levels))]}
+
+
+def _tail(v: Any) -> Any:
+    return v[1:] if isinstance(v, list) else v
+
+
+def write_task(shard: int, *, root: str, dim: int, subset: str, centroids: np.ndarray, parents: list,
+               num_levels: int) -> dict:
+    """Assign one part's points and write its clusters part (every embedded key gets a row)."""
+    import pyarrow as pa
+
+    from .kmeans import assign
+
+    keys, status, x = part_points(root, shard, dim, subset)
+    ok = status == STATUS_OK
+    labels = np.full((len(keys), num_levels), -1, dtype=np.int32)
+    dist = np.full(len(keys), np.nan, dtype=np.float32)
+    if len(x):
+        a, d = assign(x, centroids, approximate=False)
+        cur = a
+        labels[ok, 0] = cur
+        for t, par in enumerate(parents, start=1):
+            cur = par[cur]
+            labels[ok, t] = cur
+        dist[ok] = d
+    cols: dict[str, Any] = {"key": pa.array(keys, pa.string()), "status": pa.array(status.tolist(), pa.string())}
+    for t in range(num_levels):
+        cols[f"level_{t + 1}"] = pa.array(labels[:, t], pa.int32())
+    cols["distance"] = pa.array(dist, pa.float32())
+    Dataset(root).write_sidecar(STAGE, shard, pa.table(cols))
+    return {"counts": {"total": len(keys), "clustered": int(ok.sum()),
+                       "duplicate": int((status == STATUS_DUPLICATE).sum()),
+                       "not_retrieved": int((status == STATUS_NOT_RETRIEVED).sum())}}
+
+
+def sizes_task(shard: int, *, root: str, ks: list[int]) -> list[np.ndarray]:
+    """Points per cluster at every level in one written part."""
+    from webcurate.shards.dataset import Dataset as _D
+
+    t = _D(root).read_sidecar_part(STAGE, shard)
+    out = []
+    for lvl, k in enumerate(ks, start=1):
+        ids = t[f"level_{lvl}"].to_numpy(zero_copy_only=False)
+        out.append(np.bincount(ids[ids >= 0], minlength=k))
+    return out
 
 
 def _save_npy(uri: str, arr: np.ndarray) -> None:
@@ -182,132 +197,127 @@ def _save_npy(uri: str, arr: np.ndarray) -> None:
 
 def load_centroids(root: str, level: int) -> np.ndarray:
     """(k_t, D) float32 centroids of level ``level`` (1-based) saved by the cluster stage."""
-    data = storage.read_bytes(storage.join(root, STAGE, f"centroids_level_{level}.npy"))
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    return np.load(io.BytesIO(storage.read_bytes(storage.join(root, STAGE, f"centroids_level_{level}.npy"))),
+                   allow_pickle=False)
 
 
-def part_tables(points: Points, hier: Hierarchy | None, num_levels: int,
-                shards: list[int]) -> tuple[dict[int, pa.Table], dict[int, dict]]:
-    """Per-shard sidecar tables and stats from the clustering result (an empty
-    table for a shard without embedded keys, so every shard has its part)."""
-    n = len(points.keys)
-    labels = np.full((n, num_levels), -1, dtype=np.int32)
-    dist = np.full(n, np.nan, dtype=np.float32)
-    ok = points.ok
-    if hier is not None and hier.levels:
-        labels[ok] = hier.labels()
-        dist[ok] = hier.distance
-    keys = np.asarray(points.keys, dtype=object)
-    order = np.argsort(points.shards, kind="stable")
-    sh_sorted = points.shards[order]
-    parts: dict[int, pa.Table] = {}
-    stats: dict[int, dict] = {}
-    for s in shards:
-        idx = order[np.searchsorted(sh_sorted, s, "left"):np.searchsorted(sh_sorted, s, "right")]
-        cols: dict[str, Any] = {
-            "key": pa.array(keys[idx].tolist(), pa.string()),
-            "status": pa.array(points.status[idx].tolist(), pa.string()),
-        }
-        for t in range(num_levels):
-            cols[f"level_{t + 1}"] = pa.array(labels[idx, t], pa.int32())
-        cols["distance"] = pa.array(dist[idx], pa.float32())
-        parts[int(s)] = pa.table(cols)
-        st = points.status[idx]
-        stats[int(s)] = {"counts": {"total": int(len(idx)), "clustered": int((st == STATUS_OK).sum()),
-                                    "duplicate": int((st == STATUS_DUPLICATE).sum()),
-                                    "not_retrieved": int((st == STATUS_NOT_RETRIEVED).sum())}}
-    return parts, stats
+def load_parents(root: str, level: int) -> np.ndarray:
+    """(k_t,) int32: the level-(t+1) cluster of each level-t centroid (1-based t < L)."""
+    return np.load(io.BytesIO(storage.read_bytes(storage.join(root, STAGE, f"parents_level_{level}.npy"))),
+                   allow_pickle=False)
 
 
-def run_cluster(
-    input: str,
-    *,
-    levels: str | Sequence[int] = (10000, 1000, 100),
-    resampling_steps: int | str | Sequence[int] = 10,
-    sample_size: int | str | Sequence[int] | None = None,
-    sample_strategy: str = "closest",
-    niter: int = 20,
-    seed: int = 0,
-    method: str = "auto",
-    subset: str = "auto",
-    summary: bool = True,
-) -> dict[str, Any]:
-    """Cluster the dataset at ``input`` and write the ``clusters`` sidecar.
+def _parameters(ds: Dataset, params: ClusterParams, subset: str, emb: EmbeddingSet) -> dict[str, Any]:
+    from webcurate.shards.global_stage import stage_run
 
-    Returns a summary dict: ``skipped`` (already complete), ``levels`` (per
-    level: requested k, used k, non-empty clusters, min/median/max size),
-    ``counts`` and ``warnings`` (e.g. k clamped because it exceeded N).
+    rec = params.as_record()
+    rec.update(subset=subset, upstream={"embeddings": emb.fingerprint(),
+                                        **({subset: stage_run(ds.root, subset)} if subset in (DEDUP, RETRIEVE) else {})})
+    return rec
+
+
+def run_cluster(input: str, *, summary: bool = True, resources: TaskResources | dict | None = None,
+                **options: Any) -> StageResult:
+    """Cluster the dataset at ``input`` and write the ``clusters`` sidecar; ``options`` are ``ClusterParams``.
+
+    Returns the ``StageResult``: ``info["levels"]`` per level (k asked, k
+    used, non-empty clusters, min/median/max size), ``warnings`` (e.g. a k
+    lowered to the number of inputs) and ``totals`` (clustered, duplicate, ...).
     """
-    from webcurate.shards.progress import print_table
-    from webcurate.shards.stage import raise_if_failed
+    from webcurate.shards.global_stage import GlobalStage, require_complete
+    from webcurate.shards.params import parse
 
-    t0 = time.time()
+    params = parse(ClusterParams, options, "cluster")
+    res = resources if isinstance(resources, TaskResources) else parse(TaskResources, resources or {}, "resources")
     ds = Dataset(input)
-    lv = parse_levels(levels)
-    steps = parse_int_list(resampling_steps, "--resampling-steps")
-    steps = 10 if steps is None else steps
-    sizes = parse_int_list(sample_size, "--sample-size")
-    params = cluster_parameters(ds, levels=lv, resampling_steps=steps, sample_size=sizes,
-                                sample_strategy=sample_strategy, niter=niter, seed=seed, method=method,
-                                subset=resolve_subset(ds, subset))
-    emb_shards = global_stage.require_complete(ds, EMBEDDINGS, "embed")
-    if global_stage.is_complete(ds, STAGE, emb_shards, params):
-        entry = global_stage.stage_entry(ds, STAGE)
-        out = {"skipped": True, "levels": entry.get("level_info", []), "counts": entry.get("counts", {}),
-               "warnings": entry.get("warnings", []), "seconds": round(time.time() - t0, 2)}
+    require_complete(ds, "embeddings", "embed")
+    emb = embedding_set(input)
+    subset = resolve_subset(ds, params.subset)
+    stage = GlobalStage(ds, STAGE, _parameters(ds, params, subset, emb), command="cluster")
+    if stage.is_complete():
+        result = stage.skipped()
+        result.warnings = list(result.info.get("warnings", []))
         if summary:
             print(f"clusters of {ds.root} are complete with these parameters; nothing to do")
-        return out
-    points = load_points(ds, subset=params["subset"])
-    n_ok = int(points.ok.sum())
+        return result
+    stage.start()
+    mem = res.memory_per_task
+    budget = max(1024, mem // (4 * 4 * max(emb.dim, 1)))
+    rate = min(1.0, budget / max(emb.rows, 1))
+    samples = map_tasks(sample_task, emb.shards, kwargs={"root": ds.root, "dim": emb.dim, "subset": subset,
+                                                         "rate": rate, "seed": params.seed},
+                        desc="sample", memory=mem, num_returns=2, keep_refs=True)
+    import ray
+
+    n_ok = sum(ray.get([samples[s][0] for s in emb.shards]))
     if n_ok == 0:
-        raise DatasetError(f"{ds.root} has no embeddings left to cluster ({len(points.keys)} embedded, "
-                           f"none in the `{points.subset}` selection)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # they are collected in hier.warnings and printed below
-        hier = hierarchical_kmeans(points.X, lv, resampling_steps=steps, sample_sizes=sizes,
-                                   sample_strategy=sample_strategy, niter=niter, seed=seed, method=method,
-                                   progress=summary)
-    for t, level in enumerate(hier.levels, start=1):
-        _save_npy(storage.join(ds.root, STAGE, f"centroids_level_{t}.npy"), level.centroids)
-        if t < len(hier.levels):
-            _save_npy(storage.join(ds.root, STAGE, f"parents_level_{t}.npy"), hier.parents(t))
-    labels = hier.labels()
-    level_info = []
-    for t, level in enumerate(hier.levels):
-        sizes_t = np.bincount(labels[:, t], minlength=level.k)
-        nz = sizes_t[sizes_t > 0]
-        level_info.append({"level": t + 1, "k_requested": level.requested_k, "k": level.k,
-                           "non_empty": int(nz.size), "min": int(nz.min()), "median": float(np.median(nz)),
-                           "max": int(nz.max()), "resampling_steps": level.resampling_steps,
-                           "sample_size": level.sample_size, "method": level.method})
-    parts, stats = part_tables(points, hier, len(lv), emb_shards)
-    result = global_stage.write_parts(
-        ds, STAGE, params, parts, stats, desc="clusters parts",
-        level_info=level_info, warnings=hier.warnings, dim=points.dim,
-    )
-    counts = global_stage.stage_entry(ds, STAGE).get("counts", result.counts)
-    for w in hier.warnings:
+        raise DatasetError(f"{ds.root} has no embeddings left to cluster (none in the `{subset}` selection)")
+    p = {"levels": params.levels, "steps": params.resampling_steps, "sizes": params.sample_size,
+         "strategy": params.sample_strategy, "niter": params.niter, "seed": params.seed, "method": params.method}
+    trained = map_tasks(train_task, [0], kwargs={"samples": [samples[s][1] for s in emb.shards], "params": p},
+                        desc="k-means", memory=mem)[0]
+    del samples
+    if trained["points"] < n_ok and trained["points"] < MIN_PER_CENTROID * trained["levels"][0]["k"]:
+        trained = refine(ds.root, emb.shards, emb.dim, subset, trained, p, mem)
+    for t, c in enumerate(trained["centroids"], start=1):
+        _save_npy(storage.join(ds.root, STAGE, f"centroids_level_{t}.npy"), c)
+        if t < len(trained["centroids"]):
+            _save_npy(storage.join(ds.root, STAGE, f"parents_level_{t}.npy"), trained["parents"][t - 1])
+    num_levels = len(trained["centroids"])
+    result = stage.write_parts(write_task, memory=mem, kwargs={
+        "dim": emb.dim, "subset": subset, "centroids": trained["centroids"][0], "parents": trained["parents"],
+        "num_levels": num_levels})
+    level_info = _level_info(ds.root, stage.shards, trained, mem) if not result.failed else []
+    result = stage.finish(result, summary=False, levels=level_info, warnings=trained["warnings"], dim=emb.dim,
+                          sampled=trained["points"], clustered_points=n_ok)
+    result.warnings = list(trained["warnings"])
+    for w in result.warnings:
         print(f"warning: {w}")
     if summary:
-        rows = [(f"level {i['level']}", f"{i['k_requested']} -> {i['k']}", i["non_empty"], i["min"],
-                 i["median"], i["max"], i["resampling_steps"], i["method"]) for i in level_info]
-        print_table(f"clusters: {ds.root}", rows,
-                    ("level", "k asked -> used", "non-empty", "min", "median", "max", "resampling", "method"))
-        print_table("clusters: points", [(k, v) for k, v in counts.items()] +
-                    [("seconds", f"{time.time() - t0:.1f}")], ("what", "count"))
-    raise_if_failed(result)
-    return {"skipped": False, "levels": level_info, "counts": counts, "warnings": hier.warnings,
-            "seconds": round(time.time() - t0, 2)}
+        _print(result, ds.root)
+    return result
 
 
-def read_clusters(ds: Dataset) -> pa.Table:
+def _level_info(root: str, shards: list[int], trained: dict, memory: int) -> list[dict[str, Any]]:
+    ks = [int(c.shape[0]) for c in trained["centroids"]]
+    total = [np.zeros(k, np.int64) for k in ks]
+
+    def take(_: int, sizes: list) -> None:
+        for t, s in enumerate(sizes):
+            total[t] += s
+
+    map_tasks(sizes_task, shards, kwargs={"root": root, "ks": ks}, desc="cluster sizes", memory=memory,
+              on_result=take)
+    out = []
+    for t, (lv, sizes) in enumerate(zip(trained["levels"], total), start=1):
+        nz = sizes[sizes > 0]
+        out.append({"level": t, **lv, "k": ks[t - 1], "non_empty": int(nz.size),
+                    "min": int(nz.min()) if nz.size else 0, "median": float(np.median(nz)) if nz.size else 0.0,
+                    "max": int(nz.max()) if nz.size else 0})
+    return out
+
+
+def _print(result: StageResult, root: str) -> None:
+    from webcurate.shards.progress import print_table
+
+    rows = [(f"level {i['level']}", f"{i['k_requested']} -> {i['k']}", i["non_empty"], i["min"], i["median"],
+             i["max"], i["resampling_steps"], i["method"]) for i in result.info.get("levels", [])]
+    print_table(f"clusters: {root}", rows,
+                ("level", "k asked -> used", "non-empty", "min", "median", "max", "resampling", "method"))
+    print_table("clusters: points", [(k, v) for k, v in result.totals.items()] +
+                [("seconds", f"{result.seconds:.1f}")], ("what", "count"))
+
+
+def read_clusters(ds: Dataset):
     """The whole ``clusters`` sidecar (all parts), erroring clearly when missing."""
-    global_stage.require_complete(ds, STAGE, "cluster")
+    from webcurate.shards.global_stage import require_complete
+
+    require_complete(ds, STAGE, "cluster")
     return ds.read_sidecar(STAGE)
 
 
-def level_columns(table: pa.Table) -> list[str]:
-    """``level_1`` .. ``level_L`` columns of a clusters table, finest first."""
-    cols = [c for c in table.column_names if c.startswith("level_") and c[6:].isdigit()]
+def level_columns(table) -> list[str]:
+    """``level_1`` .. ``level_L`` columns of a clusters table (or its schema), finest first."""
+    names = table.column_names if hasattr(table, "column_names") else table.names
+    cols = [c for c in names if c.startswith("level_") and c[6:].isdigit()]
     return sorted(cols, key=lambda c: int(c[6:]))

@@ -28,8 +28,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from webcurate.shards.errors import ConfigError
+from webcurate.shards.stage import StageResult
 
-from .backbones import BackboneSpec, build_backbone, pool_features, validate_spec
+from .embedding_parts import degenerate_rows
+
+from .embedding_models import BackboneInfo, BackboneSpec, build_backbone, pool_features
+from .stage_params import EmbedParams
 
 STAGE = "embeddings"
 STATUS_OK = "ok"
@@ -158,12 +162,13 @@ class _Embedder:
                     feats = pool_features(self.model(x))
                 feats = torch.nn.functional.normalize(feats.float(), dim=1)
             out = feats.cpu().numpy()
-            bad = ~np.isfinite(out).all(axis=1)
             emb[ok] = out
-            idx = np.flatnonzero(ok)[bad]
-            status[idx] = STATUS_FAILED
-            error[idx] = "model: non-finite embedding"
-            emb[idx] = np.nan
+            for bad, why in ((~np.isfinite(out).all(axis=1), "model: non-finite embedding"),
+                             (degenerate_rows(np.nan_to_num(out)), "model: degenerate embedding (zero or constant)")):
+                idx = np.flatnonzero(ok)[bad]
+                status[idx] = STATUS_FAILED
+                error[idx] = np.where(error[idx] == "", why, error[idx])
+                emb[idx] = np.nan
         return {k: batch[k] for k in ("key", "shard", "pos", "n")} | {
             "status": status, "error": error, "embedding": emb}
 
@@ -201,150 +206,154 @@ def _stats(rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     return {"counts": counts, "seconds": round(seconds, 3)}
 
 
-def run_embed(
-    input: str,
-    model: str,
-    *,
-    weights: str | None = None,
-    checkpoint: str | None = None,
-    random_init: bool = False,
-    image_size: int = 224,
-    batch_size: int = 64,
-    num_gpus: float = 0.0,
-    concurrency: int | None = None,
-    dtype: str = "float16",
-    summary: bool = True,
-) -> dict[str, Any]:
-    """Embed every sample of dataset ``input`` with timm architecture ``model``.
-
-    Writes ``<input>/embeddings/part-NNNNN.parquet`` per shard (key,
-    embedding (D,) L2-normalised, status, error) and records model name,
-    weights sha256 and dim in the manifest's ``embeddings`` stage entry.
-    Shards already embedded with the same parameters are skipped.
-    ``num_gpus`` is per actor; ``concurrency`` is the number of actors
-    (default: one per ``num_gpus`` share of the cluster's GPUs, else one per
-    8 CPUs). Returns a summary dict (counts, shards done/skipped/failed, dim,
-    images/s); raises StageError after recording the finished shards when
-    some shards could not be read.
-    """
+def _quiet_ray_data() -> None:
+    """Ray Data's own progress bars / logs would interleave with our bar and summary."""
     import ray
 
-    from webcurate.shards.progress import print_summary, progress_bar
-    from webcurate.shards.ray_runtime import cluster_cpus, cluster_gpus, init_ray, max_node_cpus
-    from webcurate.shards.stage import StageResult, raise_if_failed
-    from webcurate.shards import manifest as manifest_mod
-    from webcurate.shards.dataset import Dataset
-
-    if dtype not in ("float16", "float32"):
-        raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
-    spec = BackboneSpec(model=model, weights=weights, checkpoint=checkpoint,
-                        random_init=random_init, image_size=int(image_size))
-    validate_spec(spec)
-    dataset = Dataset(input)
-    _ = dataset.manifest  # a clear error when input is not a dataset
-    # Built once here: bad names / files fail before any Ray work starts.
-    _, info = build_backbone(spec)
-    for note in info.notes:
-        warnings.warn(f"embed {model}: {note}", stacklevel=2)
-
-    init_ray()
-    # Ray Data's own progress bars / logs would interleave with our bar and summary.
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.ERROR)  # "progress bars disabled", "finished in Ns"
-    if num_gpus > 0 and cluster_gpus() < num_gpus:
-        warnings.warn(f"--num-gpus {num_gpus} asked for but the Ray cluster has {cluster_gpus():g} GPUs; "
-                      "embedding on CPU", stacklevel=2)
-        num_gpus = 0.0
+
+
+def actors(params: EmbedParams) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) for this cluster.
+
+    On CPU each actor gets its share of the cores (torch threads = that share),
+    but never more than one node has, or the actor could never be placed.
+    """
+    from webcurate.shards.ray_runtime import cluster_cpus, cluster_gpus, max_node_cpus
+
+    gpus = params.num_gpus
+    if gpus > 0 and cluster_gpus() < gpus:
+        warnings.warn(f"--num-gpus {gpus} asked for but the Ray cluster has {cluster_gpus():g} GPUs; "
+                      "embedding on CPU", stacklevel=3)
+        gpus = 0.0
     cpus = cluster_cpus()
-    if concurrency is None:
-        concurrency = max(1, int(cluster_gpus() // num_gpus)) if num_gpus > 0 else max(1, int(cpus // 8))
-    if concurrency < 1:
-        raise ConfigError(f"--concurrency must be at least 1, got {concurrency}")
-    # On CPU each actor gets its share of the cores (torch threads = that share).
-    # ... but never more than one node has, or the actor could never be placed.
-    actor_cpus = 1.0 if num_gpus > 0 else float(max(1, min(int(cpus // concurrency), int(max_node_cpus()))))
+    n = params.concurrency or (max(1, int(cluster_gpus() // gpus)) if gpus > 0 else max(1, int(cpus // 8)))
+    per = 1.0 if gpus > 0 else float(max(1, min(int(cpus // n), int(max_node_cpus()))))
+    return n, per, gpus
 
-    image_size = info.image_size  # a checkpoint may fix its own input size
+
+def embed_shards(root: str, todo: list[int], spec: BackboneSpec, info: BackboneInfo, params: EmbedParams,
+                 result: StageResult, total: int) -> None:
+    """Embed ``todo`` shards through Ray Data; write and record each part as its rows are all in."""
+    import ray
+
+    from webcurate.shards import manifest as manifest_mod
+    from webcurate.shards.dataset import Dataset
+    from webcurate.shards.progress import progress_bar
+
+    n, cpus, gpus = actors(params)
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    # On GPU, loading runs as separate 1-CPU tasks feeding the GPU actors. On CPU the loader
+    # asks for the same CPUs as the actors so Ray Data fuses it into them: the actors then own
+    # their cores (decode, then forward) and never wait for a CPU a loader task holds.
+    ds = ds.map_batches(_load_shard, batch_size=1, batch_format="numpy", num_cpus=1 if gpus > 0 else cpus,
+                        fn_kwargs={"root": root, "image_size": int(info.image_size)})
+    ds = ds.map_batches(_Embedder, batch_size=params.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=n), num_cpus=cpus, num_gpus=gpus or None,
+                        fn_constructor_kwargs={"spec": spec, "expected_sha256": info.weights_sha256,
+                                               "threads": int(cpus) if gpus <= 0 else 0})
+    dataset = Dataset(root)
+    pending: dict[int, list[dict[str, Any]]] = {}
+    started: dict[int, float] = {}
+    bar = progress_bar(total=total, initial=len(result.skipped), desc="embed", unit="shard")
+    t0, images = time.time(), 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["key"])):
+                shard, status = int(batch["shard"][i]), str(batch["status"][i])
+                if status == _SHARD_FAILED:
+                    result.failed[shard] = str(batch["error"][i])
+                    bar.update(1)
+                    continue
+                rows = pending.setdefault(shard, [])
+                started.setdefault(shard, time.time())
+                if status != _EMPTY:
+                    rows.append({"key": str(batch["key"][i]), "pos": int(batch["pos"][i]), "status": status,
+                                 "error": str(batch["error"][i]), "embedding": batch["embedding"][i]})
+                if status == _EMPTY or len(rows) == int(batch["n"][i]):
+                    rows = pending.pop(shard)
+                    dataset.write_sidecar(STAGE, shard, part_table(rows, info.dim, params.dtype))
+                    stats = _stats(rows, time.time() - started.pop(shard))
+                    manifest_mod.record_shard(root, shard, stats, stage=STAGE)
+                    result.done[shard] = stats
+                    images += len(rows)
+                    bar.set_postfix_str(f"{images} images, {images / max(time.time() - t0, 1e-6):.1f}/s")
+                    bar.update(1)
+    except Exception as e:
+        # A failure of the pipeline itself (e.g. an actor could not start): every part
+        # written so far is recorded; report the rest as failed.
+        text = str(e).strip().splitlines()
+        for s in todo:
+            if s not in result.done and s not in result.failed:
+                result.failed[s] = f"{type(e).__name__}: {text[-1] if text else ''}"[:500]
+    finally:
+        bar.close()
+    for s in pending:  # a shard whose rows stopped arriving (should not happen)
+        result.failed.setdefault(s, f"only {len(pending[s])} samples embedded")
+
+
+def run_embed(input: str, model: str | None = None, *, summary: bool = True, **options: Any) -> StageResult:
+    """Embed every sample of dataset ``input`` with timm architecture ``model``; ``options`` are ``EmbedParams``.
+
+    Writes ``<input>/embeddings/part-NNNNN.parquet`` per shard (key,
+    embedding (D,) L2-normalised, status, error) and records model name,
+    weights sha256, dim and image size in the stage record, then the
+    embedding health (``embedding_health.health``: do the vectors separate
+    images?) and the copy-threshold calibration on augmented copies of the
+    pool (``embedding_health.calibrate``). Shards already embedded with the
+    same parameters are skipped. Raises StageError after recording the
+    finished shards when some shards could not be read.
+    """
+    from webcurate.shards.dataset import Dataset
+    from webcurate.shards.global_stage import GlobalStage
+    from webcurate.shards.params import parse
+    from webcurate.shards.ray_runtime import init_ray
+
+    from . import embedding_health
+
+    if model is not None:
+        options["model"] = model
+    params = parse(EmbedParams, options, "embed")
+    spec = BackboneSpec(model=params.model, weights=params.weights, checkpoint=params.checkpoint,
+                        random_init=params.random_init, image_size=params.image_size)
+    dataset = Dataset(input)
+    _ = dataset.manifest  # a clear error when input is not a dataset
+    _, info = build_backbone(spec)  # bad names / files fail before any Ray work starts
+    for note in info.notes:
+        warnings.warn(f"embed {params.model}: {note}", stacklevel=2)
+    init_ray()
+    _quiet_ray_data()
     parameters = {"model": info.model, "weights_sha256": info.weights_sha256, "weights_source": info.source,
-                  "image_size": int(image_size), "dtype": dtype}
-    manifest_mod.record_stage(dataset.root, STAGE, parameters, **info.as_dict(), dtype=dtype)
-    dataset.reload()
-    shards = dataset.completed_shards()
-    done_before = set(dataset.sidecar_completed(STAGE))
-    todo = [s for s in shards if s not in done_before]
-    result = StageResult(stage=STAGE, skipped=[s for s in shards if s in done_before])
-
-    t0 = time.time()
+                  "image_size": int(info.image_size), "dtype": params.dtype}
+    stage = GlobalStage(dataset, STAGE, parameters, command="embed")
+    stage.start(**info.as_dict(), dtype=params.dtype)
+    todo = stage.todo()
+    result = StageResult(stage=STAGE, root=dataset.root, skipped=[s for s in stage.shards if s not in todo])
     if todo:
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        # On GPU, loading runs as separate 1-CPU tasks feeding the GPU actors. On CPU the
-        # loader asks for the same CPUs as the actors so Ray Data fuses it into them: the
-        # actors then own their cores (decode, then forward) and never wait for a CPU a
-        # loader task holds.
-        ds = ds.map_batches(_load_shard, batch_size=1, batch_format="numpy",
-                            num_cpus=1 if num_gpus > 0 else actor_cpus,
-                            fn_kwargs={"root": dataset.root, "image_size": int(image_size)})
-        ds = ds.map_batches(
-            _Embedder, batch_size=batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=actor_cpus, num_gpus=num_gpus if num_gpus > 0 else None,
-            fn_constructor_kwargs={"spec": spec, "expected_sha256": info.weights_sha256,
-                                   "threads": int(actor_cpus) if num_gpus <= 0 else 0},
-        )
-        pending: dict[int, list[dict[str, Any]]] = {}
-        started: dict[int, float] = {}
-        bar = progress_bar(total=len(shards), initial=len(result.skipped), desc="embed", unit="shard")
-        images = 0
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for i in range(len(batch["key"])):
-                    shard = int(batch["shard"][i])
-                    status = str(batch["status"][i])
-                    if status == _SHARD_FAILED:
-                        result.failed[shard] = str(batch["error"][i])
-                        bar.update(1)
-                        continue
-                    rows = pending.setdefault(shard, [])
-                    started.setdefault(shard, time.time())
-                    if status != _EMPTY:
-                        rows.append({"key": str(batch["key"][i]), "pos": int(batch["pos"][i]),
-                                     "status": status, "error": str(batch["error"][i]),
-                                     "embedding": batch["embedding"][i]})
-                    if status == _EMPTY or len(rows) == int(batch["n"][i]):
-                        rows = pending.pop(shard)
-                        dataset.write_sidecar(STAGE, shard, part_table(rows, info.dim, dtype))
-                        stats = _stats(rows, time.time() - started.pop(shard))
-                        manifest_mod.record_shard(dataset.root, shard, stats, stage=STAGE)
-                        result.done[shard] = stats
-                        images += len(rows)
-                        bar.set_postfix_str(f"{images} images, {images / max(time.time() - t0, 1e-6):.1f}/s")
-                        bar.update(1)
-        except Exception as e:
-            # A failure of the pipeline itself (e.g. an actor could not start):
-            # every part written so far is recorded; report the rest as failed.
-            for s in todo:
-                if s not in result.done and s not in result.failed:
-                    result.failed[s] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
-        finally:
-            bar.close()
-        for s in pending:  # a shard whose rows stopped arriving (should not happen)
-            result.failed.setdefault(s, f"only {len(pending[s])} samples embedded")
-    result.seconds = time.time() - t0
-    manifest_mod.record_stage(dataset.root, STAGE, parameters, finished=manifest_mod.now_iso())
-    dataset.reload()
-    if summary:
-        print_summary(result, title=f"embed {info.model} ({info.dim}-d, {info.source}): {dataset.root}")
-    raise_if_failed(result)
-    counts = result.counts
-    return {
-        "stage": STAGE, "root": dataset.root, "model": info.model, "dim": info.dim,
-        "weights_sha256": info.weights_sha256, "weights_source": info.source, "dtype": dtype,
-        "counts": counts, "shards_done": sorted(result.done), "shards_skipped": sorted(result.skipped),
-        "shards_failed": dict(result.failed), "seconds": round(result.seconds, 3),
-        "images_per_s": round(counts.get("total", 0) / result.seconds, 2) if result.seconds > 0 else None,
-    }
+        embed_shards(dataset.root, todo, spec, info, params, result, len(stage.shards))
+    extra: dict[str, Any] = {}
+    entry = manifest_info(dataset.root)
+    if not result.failed and (result.done or "health" not in entry):
+        extra["health"] = embedding_health.health(dataset.root, stage.shards, info.dim)
+    if not result.failed and params.calibration_samples and (result.done or "calibration" not in entry):
+        extra["calibration"] = embedding_health.calibrate(dataset.root, stage.shards, spec, info,
+                                                          params.calibration_samples, extra.get("health"))
+    title = f"embed {info.model} ({info.dim}-d, {info.source}): {dataset.root}"
+    result = stage.finish(result, summary=summary, title=title, **extra)
+    result.info.update(info.as_dict(), dtype=params.dtype)
+    health = extra.get("health") or entry.get("health") or {}
+    if health.get("warning"):
+        result.warnings.append(health["warning"])
+        print(f"warning: {health['warning']}")
+    return result
+
+
+def manifest_info(root: str) -> dict[str, Any]:
+    """The embeddings stage entry of ``root`` (health, calibration, model, ...)."""
+    from webcurate.shards.dataset import Dataset
+
+    return dict(Dataset(root).manifest.get("stages", {}).get(STAGE, {}))

@@ -1,266 +1,333 @@
-"""``webcurate retrieve``: select pool samples close to seed datasets (DINOv2 recipe).
+"""``webcurate retrieve``: select pool samples close to seed datasets (DINOv2 recipe), as Ray tasks.
 
 - ``sample``: each seed sample retrieves its ``k`` nearest pool samples
-  (DINOv2: k=4, k=32 for small seed sets);
-- ``cluster``: spherical k-means over the pool; every cluster holding more
-  than ``min_seed_per_cluster`` seed samples gives up to ``per_cluster`` of
-  its pool samples (those most similar to the cluster's seeds);
+  (DINOv2: k=4, k=32 for small seed sets). Every pool part finds each seed's
+  k best in the part (exact search); the driver keeps each seed's k best over
+  the parts (S x k values), never the pool.
+- ``cluster``: spherical k-means over the pool (trained on a seeded sample,
+  all of it when it fits a task); every cluster holding more than
+  ``min_seed_per_cluster`` seed samples gives up to ``per_cluster`` of its
+  pool samples, those most similar to one of the cluster's seeds;
 - ``both``: the union.
 
-Seeds are our own datasets with an ``embeddings`` sidecar from the same model
-(same dim and weights, checked). The pool leaves out samples the ``dedup``
-sidecar drops (``exclude_duplicates``), when that sidecar exists.
+Seeds are datasets with embeddings from the same model (dim and weights
+checked; another image size warns). They are small and broadcast to the
+tasks. The pool leaves out what the ``dedup`` sidecar drops
+(``exclude_duplicates``) when that sidecar exists.
 
-Part columns: key, selected (bool), score (cosine to the retrieving seed,
-null when not selected), seed_key, seed_dataset, mode (sample|cluster|both).
-Every embedded pool sample gets a row.
+Part columns: key, selected, score (cosine to the retrieving seed, null when
+not selected), seed_key, seed_dataset, mode (sample|cluster|both). Every
+embedded pool sample gets a row.
 """
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any
 
 import numpy as np
 
 from webcurate.shards.errors import ConfigError
+from webcurate.shards.stage import StageResult
 
-from . import vectors
+from .embedding_parts import EmbeddingError, check_compatible, embedding_set, read_part
+from .ray_tasks import map_tasks
+from .stage_params import RetrieveParams, TaskResources
 
 STAGE = "retrieve"
-MODES = ("sample", "cluster", "both")
+SHIFT = 32  # pool sample id = shard << SHIFT | row among the shard's ok index rows
 
 
-def sample_retrieval(pool: np.ndarray, seeds: np.ndarray, k: int, *, index_kind: str = "auto",
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest pool items of every seed row.
+def pool_part(root: str, shard: int, dim: int, exclude_duplicates: bool):
+    """A pool part's usable embeddings and the mask of those the dedup sidecar keeps."""
+    part = read_part(root, shard, dim)
+    keep = np.ones(len(part.rows), dtype=bool)
+    if exclude_duplicates:
+        from webcurate.shards.dataset import Dataset
 
-    pool (N, D), seeds (S, D) normalised. Returns score (N,) float32, the best
-    cosine to a seed that retrieved the item (-inf when none did), and
-    seed_idx (N,) int64 that seed's row (-1 when none).
-    """
-    n = pool.shape[0]
-    score = np.full(n, -np.inf, dtype=np.float32)
-    seed_idx = np.full(n, -1, dtype=np.int64)
-    if n == 0 or seeds.shape[0] == 0:
-        return score, seed_idx
-    k = vectors.clamp_k(k, n, "k")
-    index = vectors.build_index(pool, vectors.choose_index(n, kind=index_kind), seed=seed)
-    sims, ids = vectors.search(index, seeds, k, desc="retrieve")
-    flat_ids, flat_s = ids.reshape(-1), sims.reshape(-1)
-    flat_seed = np.repeat(np.arange(seeds.shape[0], dtype=np.int64), k)
-    valid = flat_ids >= 0
-    flat_ids, flat_s, flat_seed = flat_ids[valid], flat_s[valid], flat_seed[valid]
-    # Best seed per pool item: sort by (item, -score), take each item's first.
-    order = np.lexsort((-flat_s, flat_ids))
-    flat_ids, flat_s, flat_seed = flat_ids[order], flat_s[order], flat_seed[order]
-    first = np.ones(len(flat_ids), dtype=bool)
-    first[1:] = flat_ids[1:] != flat_ids[:-1]
-    score[flat_ids[first]] = flat_s[first]
-    seed_idx[flat_ids[first]] = flat_seed[first]
-    return score, seed_idx
+        t = Dataset(root).read_sidecar_part("dedup", shard, columns=["key", "keep"])
+        dropped = {k for k, v in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not v}
+        keep = np.array([k not in dropped for k in part.keys], dtype=bool)
+    return part, keep
 
 
-def cluster_retrieval(pool: np.ndarray, seeds: np.ndarray, *, n_clusters: int | None = None,
-                      per_cluster: int = 100, min_seed_per_cluster: int = 3,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Cluster-based retrieval.
+def topk_task(shard: int, *, root: str, dim: int, seeds: np.ndarray, k: int, exclude_duplicates: bool) -> tuple:
+    """Each seed's ``k`` best pool samples in one part: ``(sims (S, k), ids (S, k), pool rows in part)``."""
+    import faiss
 
-    k-means over pool (N, D) (default ceil(sqrt(N)) clusters); seeds (S, D)
-    are assigned to their nearest centroid; from each cluster holding more
-    than ``min_seed_per_cluster`` seeds, up to ``per_cluster`` pool members
-    with the highest cosine to one of the cluster's seeds are taken. Returns
-    score (N,), seed_idx (N,) as ``sample_retrieval`` and counts (clusters,
-    clusters_selected).
-    """
-    n = pool.shape[0]
-    score = np.full(n, -np.inf, dtype=np.float32)
-    seed_idx = np.full(n, -1, dtype=np.int64)
-    if n == 0 or seeds.shape[0] == 0:
-        return score, seed_idx, {"clusters": 0, "clusters_selected": 0}
-    if per_cluster < 1:
-        raise ConfigError(f"--per-cluster must be at least 1, got {per_cluster}")
-    kc = n_clusters or max(1, math.ceil(math.sqrt(n)))
-    centroids, assign = vectors.kmeans(pool, kc, seed=seed)
-    kc = centroids.shape[0]
-    _, s_assign = vectors.search(vectors.build_index(centroids, vectors.IndexChoice("flat")), seeds, 1)
-    s_assign = s_assign[:, 0]
-    seed_counts = np.bincount(s_assign, minlength=kc)
-    chosen = np.flatnonzero(seed_counts > min_seed_per_cluster)
-    order = np.argsort(assign, kind="stable")
-    bounds = np.searchsorted(assign[order], np.arange(kc + 1))
+    part, keep = pool_part(root, shard, dim, exclude_duplicates)
+    ids = (np.int64(shard) << SHIFT) | part.rows[keep]
+    x = part.vectors[keep]
+    kk = min(k, len(x))
+    if kk == 0:
+        return np.zeros((len(seeds), 0), np.float32), np.zeros((len(seeds), 0), np.int64), 0
+    index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(x))
+    s, i = index.search(np.ascontiguousarray(seeds), kk)
+    return s, ids[i], len(x)
+
+
+def merge_topk(best: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray],
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` best of two (S, *) score/id arrays (ties: smaller id first)."""
+    s = new[0] if best is None else np.concatenate([best[0], new[0]], axis=1)
+    i = new[1] if best is None else np.concatenate([best[1], new[1]], axis=1)
+    order = np.lexsort((i, -s), axis=1)[:, :k] if s.shape[1] else np.zeros((s.shape[0], 0), np.int64)
+    return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+def best_per_item(scores: np.ndarray, ids: np.ndarray, seed_of: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Flattened hits -> each pool id once, with its best score and that seed: (ids, scores, seeds)."""
+    order = np.lexsort((-scores, ids))
+    ids, scores, seed_of = ids[order], scores[order], seed_of[order]
+    first = np.r_[True, ids[1:] != ids[:-1]] if len(ids) else np.zeros(0, bool)
+    return ids[first], scores[first], seed_of[first]
+
+
+def sample_mode(root: str, shards: list[int], dim: int, seeds: np.ndarray, k: int, excl: bool,
+                memory: int) -> tuple[tuple[np.ndarray, ...], int]:
+    """Sample-based retrieval: ``((ids, scores, seed index), pool size)``."""
+    state: dict[str, Any] = {"best": None, "pool": 0}
+
+    def take(_: int, r: tuple) -> None:
+        state["best"] = merge_topk(state["best"], r[:2], k)
+        state["pool"] += r[2]
+
+    map_tasks(topk_task, shards, kwargs={"root": root, "dim": dim, "seeds": seeds, "k": k,
+                                         "exclude_duplicates": excl}, desc="retrieve", memory=memory,
+              on_result=take)
+    s, i = state["best"] if state["best"] is not None else (np.zeros((len(seeds), 0)), np.zeros((len(seeds), 0)))
+    if k > state["pool"]:
+        warnings.warn(f"k={k} is larger than the {state['pool']} vectors searched; using k={state['pool']}",
+                      stacklevel=3)
+    seed_of = np.repeat(np.arange(len(seeds)), s.shape[1])
+    return best_per_item(s.reshape(-1).astype(np.float32), i.reshape(-1).astype(np.int64), seed_of), state["pool"]
+
+
+def pool_sample_task(shard: int, *, root: str, dim: int, rate: float, seed: int, exclude_duplicates: bool) -> tuple:
+    """``(pool rows in part, seeded share of them)`` for training the cluster-mode k-means."""
+    part, keep = pool_part(root, shard, dim, exclude_duplicates)
+    x = part.vectors[keep]
+    return len(x), (x if rate >= 1 else x[np.random.default_rng([seed, shard]).random(len(x)) < rate])
+
+
+def candidates_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, chosen: np.ndarray,
+                    seeds: np.ndarray, seed_cluster: np.ndarray, per_cluster: int,
+                    exclude_duplicates: bool) -> list:
+    """Per chosen cluster, this part's ``per_cluster`` members closest to one of its seeds."""
+    from .semdedup import nearest_centroid
+
+    part, keep = pool_part(root, shard, dim, exclude_duplicates)
+    x = part.vectors[keep]
+    ids = (np.int64(shard) << SHIFT) | part.rows[keep]
+    a = nearest_centroid(x, centroids) if len(x) else np.zeros(0, np.int64)
+    out = []
     for c in chosen:
-        members = order[bounds[c]:bounds[c + 1]]
-        if len(members) == 0:
+        m = np.flatnonzero(a == c)
+        if not len(m):
             continue
-        seeds_c = np.flatnonzero(s_assign == c)
-        best = np.full(len(members), -np.inf, dtype=np.float32)
-        arg = np.full(len(members), -1, dtype=np.int64)
-        for start in range(0, len(seeds_c), 4096):  # (members x 4096) block at a time
-            sc = seeds_c[start:start + 4096]
-            sims = pool[members] @ seeds[sc].T
-            j = sims.argmax(axis=1)
-            s = sims[np.arange(len(members)), j]
-            better = s > best
-            best[better], arg[better] = s[better], sc[j[better]]
-        top = np.argsort(-best, kind="stable")[:per_cluster]
-        score[members[top]] = best[top]
-        seed_idx[members[top]] = arg[top]
-    return score, seed_idx, {"clusters": int(kc), "clusters_selected": int(len(chosen))}
+        sc = np.flatnonzero(seed_cluster == c)
+        sims = x[m] @ seeds[sc].T
+        j = sims.argmax(axis=1)
+        best = sims[np.arange(len(m)), j]
+        top = np.lexsort((ids[m], -best))[:per_cluster]
+        out.append((int(c), best[top].astype(np.float32), ids[m][top], sc[j[top]]))
+    return out
 
 
-def run_retrieve(
-    input: str,
-    seeds: list[str],
-    *,
-    k: int = 4,
-    mode: str = "sample",
-    n_clusters: int | None = None,
-    per_cluster: int = 100,
-    min_seed_per_cluster: int = 3,
-    exclude_duplicates: bool = True,
-    min_score: float | None = None,
-    seed: int = 0,
-    summary: bool = True,
-) -> dict[str, Any]:
-    """Retrieve pool samples of ``input`` near the seed datasets; write the ``retrieve`` sidecar.
+def cluster_mode(root: str, shards: list[int], dim: int, seeds: np.ndarray, params: RetrieveParams, excl: bool,
+                 memory: int, pool_estimate: int) -> tuple[tuple[np.ndarray, ...], dict[str, int]]:
+    """Cluster-based retrieval: ``((ids, scores, seed index), {clusters, clusters_selected})``."""
+    from .semdedup import nearest_centroid, spherical_kmeans
 
-    ``min_score`` (optional) drops hits whose cosine is below it. Zero
-    selected samples is a result with a ``message`` saying why, not an
-    error. Returns counts (pool, selected, per mode, per seed dataset).
-    """
+    budget = max(1024, memory // (4 * 4 * max(dim, 1)))
+    rate = min(1.0, budget / max(pool_estimate, 1))
+    got = map_tasks(pool_sample_task, shards, kwargs={"root": root, "dim": dim, "rate": rate, "seed": params.seed,
+                                                     "exclude_duplicates": excl}, desc="sample", memory=memory)
+    n = sum(got[s][0] for s in shards)
+    x = np.concatenate([got[s][1] for s in shards])
+    del got
+    kc = params.n_clusters or max(1, math.ceil(math.sqrt(n)))
+    centroids = spherical_kmeans(x, kc, params.seed)
+    del x
+    seed_cluster = nearest_centroid(seeds, centroids)
+    chosen = np.flatnonzero(np.bincount(seed_cluster, minlength=len(centroids)) > params.min_seed_per_cluster)
+    best: dict[int, tuple] = {}
+
+    def take(_: int, found: list) -> None:
+        for c, s, i, w in found:
+            if c in best:
+                s, i, w = (np.concatenate([a, b]) for a, b in zip(best[c], (s, i, w)))
+            top = np.lexsort((i, -s))[:params.per_cluster]
+            best[c] = (s[top], i[top], w[top])
+
+    map_tasks(candidates_task, shards, kwargs={"root": root, "dim": dim, "centroids": centroids, "chosen": chosen,
+                                               "seeds": seeds, "seed_cluster": seed_cluster,
+                                               "per_cluster": params.per_cluster, "exclude_duplicates": excl},
+              desc="retrieve clusters", memory=memory, on_result=take)
+    cat = [np.concatenate([v[j] for v in best.values()]) if best else np.zeros(0) for j in range(3)]
+    ids, scores, seed_of = cat[1].astype(np.int64), cat[0].astype(np.float32), cat[2].astype(np.int64)
+    return best_per_item(scores, ids, seed_of), {"clusters": int(len(centroids)), "clusters_selected": int(len(chosen)),
+                                                 "pool_searched": int(n)}
+
+
+def write_task(shard: int, *, root: str, dim: int, seed_keys: list, seed_roots: list,
+               hits: dict | None = None) -> dict:
+    """Write one shard's retrieve part: a row per embedded sample."""
     import pyarrow as pa
 
-    from webcurate.shards.progress import print_table
-    from webcurate.shards import manifest as manifest_mod
     from webcurate.shards.dataset import Dataset
 
-    t0 = time.time()
-    if mode not in MODES:
-        raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not seeds:
-        raise ConfigError("give at least one --seed DATASET")
+    part = read_part(root, shard, dim)
+    n = len(part.rows)
+    sel, score = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.float32)
+    seed_key, seed_ds, mode = (np.full(n, None, dtype=object) for _ in range(3))
+    if hits is not None and len(hits["row"]):
+        pos = np.full(int(max(part.rows.max(initial=-1), hits["row"].max())) + 1, -1, dtype=np.int64)
+        pos[part.rows] = np.arange(n)
+        at = pos[hits["row"]]
+        sel[at], score[at], mode[at] = True, hits["score"], hits["mode"]
+        seed_key[at] = np.array(seed_keys, dtype=object)[hits["seed"]]
+        seed_ds[at] = np.array(seed_roots, dtype=object)[hits["seed"]]
+    table = pa.table({"key": pa.array(part.keys, pa.string()), "selected": pa.array(sel, pa.bool_()),
+                      "score": pa.array(score, pa.float32(), mask=~sel),
+                      "seed_key": pa.array(seed_key.tolist(), pa.string()),
+                      "seed_dataset": pa.array(seed_ds.tolist(), pa.string()),
+                      "mode": pa.array(mode.tolist(), pa.string())})
+    Dataset(root).write_sidecar(STAGE, shard, table)
+    return {"counts": {"total": n, "selected": int(sel.sum())}}
+
+
+def _seed_vectors(pool, roots: list[str]) -> tuple[np.ndarray, list[str], list[str], list]:
+    vecs, keys, names, prints = [], [], [], []
+    for root in roots:
+        s = embedding_set(root, what="seed dataset")
+        check_compatible(pool, s)
+        prints.append(s.fingerprint())
+        for shard in s.shards:
+            p = read_part(root, shard, s.dim)
+            vecs.append(p.vectors)
+            keys += p.keys
+            names += [root] * len(p.rows)
+    x = np.concatenate(vecs) if vecs else np.zeros((0, pool.dim), np.float32)
+    if len(x) == 0:
+        raise EmbeddingError(f"the seed dataset(s) {', '.join(roots)} hold no embedded samples")
+    return x, keys, names, prints
+
+
+def _dedup_exclusion(ds, params: RetrieveParams) -> tuple[bool, str | None]:
+    from webcurate.shards.global_stage import stage_run
+
+    if not params.exclude_duplicates:
+        return False, None
+    have = ds.sidecar_completed("dedup")
+    if have and set(have) >= set(ds.completed_shards()):
+        return True, stage_run(ds.root, "dedup")
+    if have:
+        warnings.warn(f"{ds.root}: the dedup table is incomplete; retrieving from all samples", stacklevel=3)
+    else:
+        warnings.warn(f"{ds.root} has no dedup table; retrieving from all samples (run `webcurate dedup` first)",
+                      stacklevel=3)
+    return False, None
+
+
+def run_retrieve(input: str, seeds: list[str] | None = None, *, summary: bool = True,
+                 resources: TaskResources | dict | None = None, **options: Any) -> StageResult:
+    """Retrieve pool samples of ``input`` near the seed datasets; write the ``retrieve`` sidecar.
+
+    ``options`` are ``RetrieveParams`` fields. Zero selected samples is a
+    result with a ``message`` saying why, not an error. ``totals``: total,
+    selected; ``info``: pool, selected per mode, per seed dataset.
+    """
+    from webcurate.shards.dataset import Dataset
+    from webcurate.shards.global_stage import GlobalStage, print_stage_table
+    from webcurate.shards.params import parse
+
+    if seeds is not None:
+        options["seeds"] = list(seeds)
+    params = parse(RetrieveParams, options, "retrieve")
+    res = resources if isinstance(resources, TaskResources) else parse(TaskResources, resources or {}, "resources")
+    if not params.seeds:
+        raise ConfigError("give at least one --seeds DATASET")
     ds = Dataset(input)
-    pool_all = vectors.read_embeddings(input, what="pool dataset")
-    seed_sets = []
-    for root in seeds:
-        s = vectors.read_embeddings(root, what="seed dataset")
-        vectors.check_compatible(pool_all, s)
-        seed_sets.append(s)
-    seed_x = np.concatenate([s.vectors for s in seed_sets]) if seed_sets else np.zeros((0, pool_all.dim), np.float32)
-    seed_keys = np.array([k_ for s in seed_sets for k_ in s.keys], dtype=object)
-    seed_root = np.array([s.root for s in seed_sets for _ in range(s.n)], dtype=object)
-    if seed_x.shape[0] == 0:
-        raise vectors.EmbeddingError(f"the seed dataset(s) {', '.join(seeds)} hold no embedded samples")
-
-    # Pool: embedded samples, minus what dedup dropped.
-    in_pool = np.ones(pool_all.n, dtype=bool)
-    dedup_info: dict[str, Any] | None = None
-    excluded = 0
-    if exclude_duplicates:
-        if set(ds.sidecar_completed("dedup")) >= set(ds.completed_shards()) and ds.has_sidecar("dedup"):
-            t = ds.read_sidecar("dedup", columns=["key", "keep"])
-            dropped = {key for key, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}
-            in_pool = np.array([key not in dropped for key in pool_all.keys], dtype=bool)
-            excluded = int((~in_pool).sum())
-            dedup_info = {"parameters": ds.manifest["stages"]["dedup"].get("parameters"), "excluded": excluded}
-        elif ds.has_sidecar("dedup"):
-            warnings.warn(f"{input}: the dedup table is incomplete; retrieving from all samples", stacklevel=2)
-        else:
-            warnings.warn(f"{input} has no dedup table; retrieving from all samples (run `webcurate dedup` first)",
-                          stacklevel=2)
-    pool_pos = np.flatnonzero(in_pool)
-    pool_x = np.ascontiguousarray(pool_all.vectors[pool_pos])
-    if len(pool_pos) == 0:
-        raise vectors.EmbeddingError(f"the pool {input} has no samples left to retrieve from")
-
-    parameters = {
-        "seeds": list(seeds), "mode": mode, "k": k, "n_clusters": n_clusters, "per_cluster": per_cluster,
-        "min_seed_per_cluster": min_seed_per_cluster, "exclude_duplicates": exclude_duplicates,
-        "min_score": min_score, "pool": pool_all.fingerprint(), "dedup": dedup_info,
-        "seed_sets": [s.fingerprint() for s in seed_sets],
-    }
-    manifest_mod.record_stage(ds.root, STAGE, parameters)
-    ds.reload()
-    shards = ds.completed_shards()
-    done = set(ds.sidecar_completed(STAGE))
-    todo = [s for s in shards if s not in done]
-
-    score = np.full(pool_all.n, -np.inf, dtype=np.float32)
-    who = np.full(pool_all.n, -1, dtype=np.int64)
-    by = np.full(pool_all.n, None, dtype=object)
-    info: dict[str, Any] = {"pool": int(len(pool_pos)), "excluded_duplicates": excluded, "seeds": int(seed_x.shape[0])}
-    if todo:
-        if mode in ("sample", "both"):
-            s, w = sample_retrieval(pool_x, seed_x, k, seed=seed)
-            hit = w >= 0 if min_score is None else (w >= 0) & (s >= min_score)
-            score[pool_pos[hit]], who[pool_pos[hit]], by[pool_pos[hit]] = s[hit], w[hit], "sample"
-            info["selected_sample"] = int(hit.sum())
-        if mode in ("cluster", "both"):
-            s, w, cinfo = cluster_retrieval(pool_x, seed_x, n_clusters=n_clusters, per_cluster=per_cluster,
-                                            min_seed_per_cluster=min_seed_per_cluster, seed=seed)
-            info.update(cinfo)
-            hit = w >= 0 if min_score is None else (w >= 0) & (s >= min_score)
-            info["selected_cluster"] = int(hit.sum())
-            tgt = pool_pos[hit]
-            both = by[tgt] == "sample"
-            better = s[hit] > score[tgt]
-            score[tgt[better]], who[tgt[better]] = s[hit][better], w[hit][better]
-            by[tgt] = np.where(both, "both", "cluster")
-    selected = who >= 0
-
-    message = None
-    if todo and not selected.any():
-        if mode == "cluster":
-            message = (f"no pool cluster holds more than {min_seed_per_cluster} seed samples, so nothing was "
-                       "retrieved; try --mode sample, fewer --n-clusters, a lower --min-seed-per-cluster, "
-                       "or more seed samples")
-        else:
-            message = (f"no pool sample reached --min-score {min_score}; nothing was retrieved"
-                       if min_score is not None else "nothing was retrieved")
+    pool = embedding_set(input, what="pool dataset")
+    seed_x, seed_keys, seed_roots, prints = _seed_vectors(pool, params.seeds)
+    excl, dedup_run = _dedup_exclusion(ds, params)
+    parameters = {**params.record(), "pool": pool.fingerprint(), "dedup": dedup_run, "seed_sets": prints}
+    stage = GlobalStage(ds, STAGE, parameters, command="retrieve")
+    if stage.is_complete():
+        result = stage.skipped()
+        if summary:
+            print_stage_table(result, f"retrieve ({params.mode}): {ds.root}", [])
+        return result
+    stage.start()
+    info: dict[str, Any] = {"seeds": int(len(seed_x)), "mode": params.mode}
+    hits: dict[int, tuple] = {}  # pool id -> (score, seed, mode)
+    pool_n = 0
+    if params.mode in ("sample", "both"):
+        (ids, s, w), pool_n = sample_mode(ds.root, pool.shards, pool.dim, seed_x, params.k, excl,
+                                          res.memory_per_task)
+        ok = np.ones(len(ids), bool) if params.min_score is None else s >= params.min_score
+        for i, sc, se in zip(ids[ok], s[ok], w[ok]):
+            hits[int(i)] = (float(sc), int(se), "sample")
+        info["selected_sample"] = int(ok.sum())
+    if params.mode in ("cluster", "both"):
+        (ids, s, w), cinfo = cluster_mode(ds.root, pool.shards, pool.dim, seed_x, params, excl,
+                                          res.memory_per_task, pool.rows)
+        info.update(cinfo)
+        ok = np.ones(len(ids), bool) if params.min_score is None else s >= params.min_score
+        info["selected_cluster"] = int(ok.sum())
+        for i, sc, se in zip(ids[ok], s[ok], w[ok]):
+            prev = hits.get(int(i))
+            if prev is None:
+                hits[int(i)] = (float(sc), int(se), "cluster")
+            else:
+                hits[int(i)] = (max(prev[0], float(sc)), prev[1] if prev[0] >= sc else int(se), "both")
+    pool_n = pool_n or info.get("pool_searched", 0)
+    _guard(params, len(hits), pool_n)
+    message = _empty_message(params) if not hits else None
+    if message:
         warnings.warn(message, stacklevel=2)
-
-    keys = np.array(pool_all.keys, dtype=object)
-    seed_key_col = np.where(selected, seed_keys[np.maximum(who, 0)], None)
-    seed_ds_col = np.where(selected, seed_root[np.maximum(who, 0)], None)
-    order = np.argsort(pool_all.shards, kind="stable")
-    shard_sorted = pool_all.shards[order]
-    starts = np.searchsorted(shard_sorted, todo, side="left")
-    ends = np.searchsorted(shard_sorted, todo, side="right")
-
-    def part(rows: np.ndarray) -> pa.Table:
-        sel = selected[rows]
-        return pa.table({
-            "key": pa.array(keys[rows].tolist(), pa.string()),
-            "selected": pa.array(sel, pa.bool_()),
-            "score": pa.array(np.where(sel, score[rows], 0).astype(np.float32), pa.float32(), mask=~sel),
-            "seed_key": pa.array(seed_key_col[rows].tolist(), pa.string()),
-            "seed_dataset": pa.array(seed_ds_col[rows].tolist(), pa.string()),
-            "mode": pa.array(by[rows].tolist(), pa.string()),
-        })
-
-    def stats(rows: np.ndarray) -> dict[str, Any]:
-        return {"counts": {"total": int(len(rows)), "selected": int(selected[rows].sum())}}
-
-    vectors.write_sidecar_parts(ds, STAGE, todo, [order[a:b] for a, b in zip(starts, ends)], part, stats)
-    manifest_mod.record_stage(ds.root, STAGE, parameters, finished=manifest_mod.now_iso(),
-                              **{k_: v for k_, v in info.items() if k_ != "pool"})
-    ds.reload()
-    if todo:
-        per_seed = {f"selected:{r}": int(np.sum(seed_ds_col == r)) for r in seeds}
-        counts = {"total": int(pool_all.n), "selected": int(selected.sum()), **per_seed}
-    else:  # nothing recomputed: report what the finished run recorded
-        counts = dict(ds.manifest["stages"][STAGE].get("counts", {}))
-    result = {"stage": STAGE, "root": ds.root, "mode": mode, "counts": counts, **info,
-              "shards_written": todo, "shards_skipped": sorted(done), "seconds": round(time.time() - t0, 3),
-              "message": message}
+    result = stage.write_parts(write_task, per_shard=_per_shard(hits), memory=res.memory_per_task,
+                               kwargs={"dim": pool.dim, "seed_keys": seed_keys, "seed_roots": seed_roots})
+    per_seed = {f"selected:{r}": sum(1 for _, se, _ in hits.values() if seed_roots[se] == r) for r in params.seeds}
+    info["pool_searched"] = int(pool_n)
+    result = stage.finish(result, summary=False, **info, **per_seed)
+    result.message = message
     if summary:
-        rows = [(k_, v) for k_, v in counts.items()]
-        rows += [(k_, v) for k_, v in info.items()]
-        rows.append(("shards written / skipped", f"{len(todo)} / {len(done)}"))
-        rows.append(("seconds", f"{result['seconds']:.1f}"))
-        if message:
-            rows.append(("note", message))
-        print_table(f"retrieve ({mode}): {ds.root}", rows, ("what", "count"))
+        print_stage_table(result, f"retrieve ({params.mode}): {ds.root}",
+                          [(k, v) for k, v in {**info, **per_seed}.items()])
     return result
+
+
+def _guard(params: RetrieveParams, selected: int, pool: int) -> None:
+    """Refuse to leave out more than ``max_removal`` of the pool (off by default: retrieval selects a subset)."""
+    from .dedup import MassRemovalError
+
+    left_out = 1 - selected / max(pool, 1)
+    if left_out > params.max_removal and not params.allow_mass_removal:
+        raise MassRemovalError(f"retrieve would leave out {pool - selected} of {pool} pool samples ({left_out:.1%}), "
+                               f"more than --max-removal {params.max_removal:.0%}; nothing was written. Pass "
+                               "--allow-mass-removal, or retrieve more (a larger --k, more seeds).")
+
+
+def _per_shard(hits: dict[int, tuple]) -> dict[int, dict]:
+    ids = np.array(sorted(hits), dtype=np.int64)
+    shard = ids >> SHIFT
+    out = {}
+    for s in np.unique(shard):
+        sel = ids[shard == s]
+        out[int(s)] = {"hits": {"row": sel & ((1 << SHIFT) - 1),
+                                "score": np.array([hits[int(i)][0] for i in sel], np.float32),
+                                "seed": np.array([hits[int(i)][1] for i in sel], np.int64),
+                                "mode": np.array([hits[int(i)][2] for i in sel], dtype=object)}}
+    return out
+
+
+def _empty_message(params: RetrieveParams) -> str:
+    if params.mode == "cluster":
+        return (f"no pool cluster holds more than {params.min_seed_per_cluster} seed samples, so nothing was "
+                "retrieved; try --mode sample, fewer --n-clusters, a lower --min-seed-per-cluster, or more seeds")
+    if params.min_score is not None:
+        return f"no pool sample reached --min-score {params.min_score}; nothing was retrieved"
+    return "nothing was retrieved"

@@ -18,7 +18,6 @@ import click
 
 COMMAND_MODULES = [
     "webcurate.shards.cli",
-    "webcurate.curation.search_cli",
     "webcurate.curation.cli",
     "webcurate.curation.quality_cli",
     "webcurate.curation.labeling.cli",

@@ -147,7 +147,7 @@ def run_embed_for_label_step(sec: dict[str, Any]) -> StepResult:
         raise ConfigError("pipeline step `embed_for_label` needs `model`")
     embedded = 0
     for d in datasets:
-        embedded += len(run_embed(d, model, **opts).get("shards_done") or [])
+        embedded += len(run_embed(d, model, **opts).done)
     outcome = "ran" if embedded else "complete already"
     return StepResult("embed_for_label", outcome, 0.0, None, f"{len(datasets)} dataset(s), {embedded} shard(s) embedded")
 

@@ -21,6 +21,13 @@ SEARCH_MODEL = "convnext_atto"
 SEARCH_IMAGE_SIZE = 64
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ray_after_s3(ray_local):
+    """Every global stage runs as Ray tasks: start Ray once, after the S3 test endpoint is configured
+    (its workers inherit the environment of that moment)."""
+    yield ray_local
+
+
 def _load_search_data():
     return load_helper(os.path.join(HERE, "search_data.py"))
 
@@ -31,7 +38,7 @@ def search_data():
     return _load_search_data()
 
 
-def _embed(root: str) -> dict:
+def _embed(root: str):
     from webcurate.curation.embed import run_embed
 
     return run_embed(root, SEARCH_MODEL, random_init=True, image_size=SEARCH_IMAGE_SIZE, batch_size=32,

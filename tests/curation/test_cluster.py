@@ -43,7 +43,7 @@ def test_cluster_writes_levels_distance_and_centroids_per_shard(dataset):
 
     root, keys, X, _ = dataset
     res = run_cluster(root, levels="12,3", resampling_steps=2, seed=0, summary=False)
-    assert not res["skipped"] and [lv["k"] for lv in res["levels"]] == [12, 3]
+    assert res.ran and [lv["k"] for lv in res.info["levels"]] == [12, 3]
     ds = Dataset(root)
     assert ds.sidecar_completed("clusters") == [0, 1, 2]
     t = ds.read_sidecar("clusters")
@@ -75,9 +75,9 @@ def test_rerun_skips_and_new_parameters_recompute(dataset):
 
     root, *_ = dataset
     run_cluster(root, levels="8,2", resampling_steps=1, seed=0, summary=False)
-    assert run_cluster(root, levels="8,2", resampling_steps=1, seed=0, summary=False)["skipped"]
+    assert not run_cluster(root, levels="8,2", resampling_steps=1, seed=0, summary=False).ran
     again = run_cluster(root, levels="8,2", resampling_steps=1, seed=1, summary=False)
-    assert not again["skipped"]
+    assert again.ran
     assert Dataset(root).manifest["stages"]["clusters"]["parameters"]["seed"] == 1
 
 
@@ -91,7 +91,7 @@ def test_a_lost_part_is_rewritten_byte_identical(dataset):
     before = storage.read_bytes(uri)
     storage.delete(uri)  # as if the run had been killed before writing this part
     res = run_cluster(root, levels="10,3", resampling_steps=2, seed=4, summary=False)
-    assert not res["skipped"]
+    assert sorted(res.done) == [1]
     assert storage.read_bytes(uri) == before
 
 
@@ -102,7 +102,7 @@ def test_dedup_survivors_only_are_clustered(dataset):
     dropped = set(keys[::5])
     cd.write_flag_sidecar(root, "dedup", "keep", {k: k not in dropped for k in keys})
     res = run_cluster(root, levels="10,2", resampling_steps=1, seed=0, summary=False)
-    assert res["counts"]["clustered"] == N - len(dropped) and res["counts"]["duplicate"] == len(dropped)
+    assert res.totals["clustered"] == N - len(dropped) and res.totals["duplicate"] == len(dropped)
     t = Dataset(root).read_sidecar("clusters").to_pylist()
     for r in t:
         if r["key"] in dropped:
@@ -111,7 +111,7 @@ def test_dedup_survivors_only_are_clustered(dataset):
             assert r["status"] == "ok" and r["level_1"] >= 0
     # --subset all ignores dedup.
     res = run_cluster(root, levels="10,2", resampling_steps=1, seed=0, subset="all", summary=False)
-    assert res["counts"]["clustered"] == N
+    assert res.totals["clustered"] == N
 
 
 def test_k_larger_than_the_samples_is_clamped_with_a_warning(dataset, capsys):
@@ -119,8 +119,8 @@ def test_k_larger_than_the_samples_is_clamped_with_a_warning(dataset, capsys):
 
     root, *_ = dataset
     res = run_cluster(root, levels="500,400", resampling_steps=0, seed=0, summary=False)
-    assert [lv["k"] for lv in res["levels"]] == [N, N]
-    assert any("larger than the 150" in w for w in res["warnings"])
+    assert [lv["k"] for lv in res.info["levels"]] == [N, N]
+    assert any("larger than the 150" in w for w in res.warnings)
     assert "warning: level 1 k=500" in capsys.readouterr().out
 
 

@@ -17,38 +17,66 @@ cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))
 
 
 def test_example_config_is_valid_and_documents_every_key():
-    from webcurate.curation.curate import SECTIONS, load_config
-
     import re
 
-    import yaml
+    from webcurate.curation.curate import load_config, sections
 
     cfg = load_config(str(EXAMPLE))
-    assert cfg["cluster"]["levels"] == [10000, 1000, 100]
+    assert cfg["cluster"]["levels"] == [10000, 1000, 100] and cfg["dedup"]["threshold"] == "auto"
     text = EXAMPLE.read_text()
-    raw = yaml.safe_load(text)
-    for section, keys in SECTIONS.items():
-        assert set(raw[section]) <= set(keys)
-        # Every key is set or shown commented out (alternatives such as embed.checkpoint).
-        block = text.split(f"\n{section}:", 1)[1].split("\n\n", 1)[0]
-        for key in keys:
-            assert re.search(rf"^\s*#?\s*{key}:", block, re.M), f"docs/examples/curate.yaml does not document {section}.{key}"
+    for section, model in sections().items():
+        # Every key is set or shown commented out (alternatives such as embed.checkpoint, the filter section).
+        start = re.search(rf"^#?\s*{section}:", text, re.M)
+        assert start, f"docs/examples/curate.yaml has no `{section}` section"
+        block = text[start.start():].split("\n\n", 1)[0]
+        for key in model.model_fields:
+            assert re.search(rf"^#?\s*#?\s*{key}:", block, re.M), \
+                f"docs/examples/curate.yaml does not document {section}.{key}"
+
+
+EMBED = {"model": "m", "random_init": True}
 
 
 @pytest.mark.parametrize("config, match", [
     ({"output": "o"}, "`input`"),
-    ({"input": "i", "output": "o", "embed": {"model": "m"}, "sample": {"target": 5}, "clustr": {}}, "clustr"),
-    ({"input": "i", "output": "o", "embed": {"model": "m"}, "sample": {"target": 5}, "cluster": {"level": [3]}},
-     "cluster.level"),
-    ({"input": "i", "output": "o", "embed": {"model": "m"}}, "sample.target"),
-    ({"input": "i", "embed": {"model": "m"}, "sample": {"target": 5}}, "`output`"),
-    ({"input": "i", "output": "o", "embed": {}, "sample": {"target": 5}}, "embed.model"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "clustr": {}}, "clustr"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "cluster": {"level": [3]}},
+     "cluster.level: unknown key"),
+    ({"input": "i", "output": "o", "embed": EMBED}, "sample.target: required"),
+    ({"input": "i", "embed": EMBED, "sample": {"target": 5}}, "`output`"),
+    ({"input": "i", "output": "o", "embed": {}, "sample": {"target": 5}}, "embed.model: required"),
+    ({"input": "i", "output": "o", "embed": {"model": "m"}, "sample": {"target": 5}}, "embed: .*no weights"),
+    # Wrong types name the field and what was given, before any work starts (issue 17 #6).
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "dedup": {"k": "lots"}},
+     r"dedup\.k: Input should be a valid integer.*'lots'"),
+    ({"input": "i", "output": "o", "embed": {**EMBED, "image_size": "big"}, "sample": {"target": 5}},
+     r"embed\.image_size: .*'big'"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": "ten"}}, r"sample\.target: .*'ten'"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "dedup": {"threshold": 1.5}},
+     r"dedup\.threshold"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "cluster": {"levels": "10,x"}},
+     r"cluster\.levels: .*comma-separated"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "resources": {"memory_per_task": "lots"}},
+     r"resources\.memory_per_task: .*2GiB"),
+    ({"input": "i", "output": "o", "embed": EMBED, "sample": {"target": 5}, "dedup": {"method": "none"}},
+     r"dedup: .*against"),
 ])
 def test_bad_configs_are_refused_naming_the_key(config, match):
     from webcurate.curation.curate import load_config
 
     with pytest.raises(ConfigError, match=match):
         load_config(config)
+
+
+def test_a_wrong_type_stops_curate_before_any_work(tmp_path):
+    from webcurate.curation.curate import run_curate
+
+    root = str(tmp_path / "pool")
+    cd.write_dataset(root, 4, shard_size=4)
+    with pytest.raises(ConfigError, match=r"dedup\.k"):
+        run_curate({"input": root, "output": str(tmp_path / "o"), "embed": EMBED, "sample": {"target": 2},
+                    "dedup": {"k": "lots"}}, summary=False)
+    assert not (tmp_path / "pool" / "embeddings").exists() and not (tmp_path / "o").exists()
 
 
 def test_full_curate_on_s3_then_rerun_skips_every_step(s3_bucket, ray_local, tmp_path, capsys):
@@ -73,9 +101,9 @@ sample: {{target: 8}}
 """)
     res = run_curate(str(config), verbose=False)
     steps = {s["step"]: s for s in res["steps"]}
-    assert [s["step"] for s in res["steps"]] == ["embed", f"embed {seeds}", "dedup", "retrieve", "cluster",
+    assert [s["step"] for s in res["steps"]] == ["embed", f"embed {seeds}", "filter", "dedup", "retrieve", "cluster",
                                                   "sample", "export", "report"]
-    assert all(s["outcome"] == "ran" for s in res["steps"])
+    assert all(s["outcome"] == "ran" for s in res["steps"] if s["step"] != "filter")
     ds = Dataset(pool)
     for stage in ("embeddings", "dedup", "retrieve", "clusters", "sample"):
         assert ds.sidecar_completed(stage) == [0, 1], stage
@@ -106,4 +134,5 @@ sample: {{target: 8}}
 
     again = run_curate(str(config), verbose=False)
     outcomes = {s["step"]: s["outcome"] for s in again["steps"]}
-    assert outcomes == {**{s: "complete already" for s in steps if s != "report"}, "report": "ran"}
+    assert outcomes == {**{s: "complete already" for s in steps if s not in ("report", "filter")},
+                        "filter": "off", "report": "ran"}

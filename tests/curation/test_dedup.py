@@ -1,5 +1,5 @@
-"""`webcurate dedup`: exact, copy (kNN + union-find), SemDeDup and --against, on
-planted near-duplicates embedded by a real model, plus the array-level algorithms."""
+"""`webcurate dedup`: exact, copy (kNN graph + connected components), SemDeDup and --against, on
+planted near-duplicates embedded by a real model (as Ray tasks), plus the array-level algorithms."""
 from __future__ import annotations
 
 import os
@@ -44,8 +44,8 @@ def test_copy_dedup_finds_planted_near_duplicates_and_keeps_the_originals(search
     # The cheap exact pass runs first; the broken image has no embedding and is not kept.
     assert {k: r["duplicate_of"] for k, r in rows.items() if r["reason"] == "exact"} == search_pool.exact
     assert rows[search_pool.broken[0]]["reason"] == "no_embedding" and not rows[search_pool.broken[0]]["keep"]
-    assert result["counts"]["kept"] == len(search_pool.originals)
-    assert result["index"] == "flat"
+    assert result.totals["kept"] == len(search_pool.originals)
+    assert result.info["index"] == "flat" and result.info["threshold_source"] == "fixed"
     entry = Dataset(search_pool.root).manifest["stages"]["dedup"]
     assert entry["completed_shards"] == [0, 1, 2] and entry["parameters"]["threshold"] == THRESHOLD
 
@@ -58,7 +58,7 @@ def test_exact_dedup_groups_identical_bytes_only(search_pool):
     removed = {k: r["duplicate_of"] for k, r in rows.items() if not r["keep"]}
     assert removed == search_pool.exact
     assert all(rows[k]["reason"] == "exact" and rows[k]["similarity"] == 1.0 for k in removed)
-    assert result["counts"] == {"total": 39, "kept": 37, "removed": 2, "removed:exact": 2}
+    assert result.totals == {"total": 39, "kept": 37, "removed": 2, "removed:exact": 2}
 
 
 def test_semdedup_drops_copies_within_clusters(search_pool):
@@ -89,7 +89,7 @@ def test_against_drops_the_whole_component_of_a_match(search_pool, search_seed):
     assert rows["po004"]["similarity"] > 0.8
     # The copy is dropped for its component, naming what the component matched.
     assert rows["pn004r"]["duplicate_of"] == "s004"
-    assert result["against_hits"] >= 4 and result["counts"]["removed:against"] == len(expected)
+    assert result.info["against_hits"] >= 4 and result.totals["removed:against"] == len(expected)
 
 
 def test_against_with_no_self_dedup_only_removes_matches(search_pool, search_seed):
@@ -111,10 +111,10 @@ def test_rerun_with_same_parameters_is_a_no_op_and_rewrites_a_lost_part(search_p
     ds = Dataset(search_pool.root)
     part1 = ds.read_sidecar_part("dedup", 1)
     again = run_dedup(search_pool.root, threshold=THRESHOLD, summary=False)
-    assert again["shards_written"] == [] and again["counts"]["total"] == 39
+    assert not again.ran and again.totals["total"] == 39
     os.unlink(ds.sidecar_uri("dedup", 1))
     redo = run_dedup(search_pool.root, threshold=THRESHOLD, summary=False)
-    assert redo["shards_written"] == [1]
+    assert sorted(redo.done) == [1] and redo.skipped == [0, 2]
     assert ds.read_sidecar_part("dedup", 1).equals(part1)
 
 
@@ -123,24 +123,24 @@ def test_k_larger_than_the_pool_is_clamped_with_a_warning(search_pool):
 
     with pytest.warns(UserWarning, match="k=1000 is larger than"):
         result = run_dedup(search_pool.root, k=1000, threshold=THRESHOLD, summary=False)
-    assert result["counts"]["removed:copy"] >= 11
+    assert result.totals["removed:copy"] >= 11
 
 
 def test_missing_embeddings_say_which_command_to_run(tmp_path, search_data):
     from webcurate.curation.dedup import run_dedup
-    from webcurate.curation.vectors import EmbeddingError
+    from webcurate.curation.embedding_parts import EmbeddingError
 
     root = str(tmp_path / "raw")
     search_data.write_dataset(root, [search_data.Item("a", search_data.jpeg_bytes(search_data.make_photo(1)))], 4)
     with pytest.raises(EmbeddingError, match=r"no embeddings; run `webcurate embed --input"):
         run_dedup(root, summary=False)
     # exact needs no embeddings
-    assert run_dedup(root, method="exact", summary=False)["counts"]["kept"] == 1
+    assert run_dedup(root, method="exact", summary=False).totals["kept"] == 1
 
 
 def test_nan_embeddings_are_refused_with_the_keys(search_pool):
     from webcurate.curation.dedup import run_dedup
-    from webcurate.curation.vectors import EmbeddingError
+    from webcurate.curation.embedding_parts import EmbeddingError
 
     ds = Dataset(search_pool.root)
     t = ds.read_sidecar_part("embeddings", 0)
@@ -154,7 +154,7 @@ def test_nan_embeddings_are_refused_with_the_keys(search_pool):
 
 def test_against_dataset_of_another_dimension_is_refused(search_pool, tmp_path):
     from webcurate.curation.dedup import run_dedup
-    from webcurate.curation.vectors import EmbeddingError
+    from webcurate.curation.embedding_parts import EmbeddingError
 
     other = str(tmp_path / "other")
     shutil.copytree(search_pool.root, other)
@@ -192,83 +192,97 @@ def _planted_vectors(n: int, d: int, pairs: int, noise: float, seed: int = 0):
     return x, truth
 
 
-def test_connected_components_match_a_sequential_union_find():
-    from webcurate.curation.unionfind import UnionFind, connected_components
+def test_components_join_every_edge_and_number_by_smallest_member():
+    from webcurate.curation.components import components
 
     rng = np.random.default_rng(3)
-    n = 2000
-    src, dst = rng.integers(0, n, 1500), rng.integers(0, n, 1500)
-    labels = connected_components(n, src, dst)
-    uf = UnionFind(n)
-    for a, b in zip(src, dst):
-        uf.union(int(a), int(b))
-    roots = np.array([uf.find(i) for i in range(n)])
-    # Same partition, and each label is the smallest member of its component.
-    for r in np.unique(roots):
-        members = np.flatnonzero(roots == r)
-        assert (labels[members] == members.min()).all()
-    assert len(np.unique(labels)) == len(np.unique(roots))
+    src, dst = rng.integers(0, 10**9, 1500), rng.integers(0, 10**9, 1500)
+    src[:500] = dst[500:1000]  # chains, so components span several edges
+    nodes, labels = components(src, dst, extra_nodes=np.array([7, 11]))
+    assert np.array_equal(nodes, np.unique(np.concatenate([src, dst, [7, 11]])))
+    at = lambda v: labels[np.searchsorted(nodes, v)]  # noqa: E731
+    assert (at(src) == at(dst)).all(), "both ends of an edge share a component"
+    # Labels count up in the order of each component's smallest node; isolated extras are their own.
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(labels.max() + 1)]
+    assert firsts == sorted(firsts)
+    assert len({at(np.array([7]))[0], at(np.array([11]))[0]}) == 2
+    from scipy.sparse.csgraph import connected_components
+
+    assert labels.max() + 1 == connected_components(_adjacency(nodes, src, dst), directed=False)[0]
+
+
+def _adjacency(nodes, src, dst):
+    from scipy.sparse import coo_matrix
+
+    a, b = np.searchsorted(nodes, src), np.searchsorted(nodes, dst)
+    return coo_matrix((np.ones(len(a)), (a, b)), shape=(len(nodes), len(nodes)))
+
+
+def _copy_dedup(x, rank, k, threshold, kind="auto", nprobe=None):
+    from webcurate.curation.components import keep_one_per_component
+    from webcurate.curation.knn import choose_index, knn_edges_array
+
+    src, dst, _ = knn_edges_array(x, k, threshold, choice=choose_index(len(x), kind=kind, nprobe=nprobe))
+    return keep_one_per_component(len(x), src, dst, rank)
 
 
 def test_copy_dedup_with_an_ivf_index_recovers_planted_pairs():
-    from webcurate.curation.dedup import copy_dedup
-
     x, truth = _planted_vectors(6000, 128, 300, noise=0.35)
-    rank = np.arange(len(x))  # originals (lower ids) preferred
-    res = copy_dedup(x, rank, k=16, threshold=0.6, index_kind="ivf")
-    assert res.index_kind == "ivf"
-    found = {(int(res.dup_of[i]), int(i)) for i in np.flatnonzero(res.dup_of >= 0)}
+    dup_of = _copy_dedup(x, np.arange(len(x)), 16, 0.6, kind="ivf")  # originals (lower ids) preferred
+    found = {(int(dup_of[i]), int(i)) for i in np.flatnonzero(dup_of >= 0)}
     tp = len(found & truth)
     assert tp / len(truth) >= 0.95 and tp / max(len(found), 1) >= 0.99
 
 
 def test_keep_first_policy_keeps_the_smallest_key():
-    from webcurate.curation.dedup import copy_dedup, keep_rank
+    from webcurate.curation.exact_dedup import rank_of
 
     x = np.array([[1, 0], [1, 0.01], [0, 1]], np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    keys = ["b", "a", "c"]
-    res = copy_dedup(x, keep_rank(keys, np.array([100, 1, 5]), None, "first"), k=2, threshold=0.6)
-    assert res.dup_of.tolist() == [1, -1, -1]
-    res = copy_dedup(x, keep_rank(keys, np.array([100, 1, 5]), None, "largest"), k=2, threshold=0.6)
-    assert res.dup_of.tolist() == [-1, 0, -1]
+    keys, px = ["b", "a", "c"], np.array([100, 1, 5])
+    assert _copy_dedup(x, rank_of(keys, px, np.zeros(3), "first"), 2, 0.6).tolist() == [1, -1, -1]
+    assert _copy_dedup(x, rank_of(keys, px, np.zeros(3), "largest"), 2, 0.6).tolist() == [-1, 0, -1]
 
 
 def test_semdedup_keeps_one_of_a_tight_group_and_spares_distinct_items():
-    from webcurate.curation.dedup import semdedup
+    from webcurate.curation.semdedup import greedy_clusters, semdedup
 
     rng = np.random.default_rng(1)
     base = rng.normal(size=(50, 32)).astype(np.float32)
     group = base[0] + 0.05 * rng.normal(size=(5, 32)).astype(np.float32)
     x = np.concatenate([base, group])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    dup_of, sim, _ = semdedup(x, np.arange(len(x)), eps=0.05, n_clusters=4, block=3)
+    dup_of, sim, _ = semdedup(x, np.arange(len(x)), eps=0.05, n_clusters=4)
     assert set(np.flatnonzero(dup_of >= 0)) == set(range(50, 55))
     assert (dup_of[50:] == 0).all() and (sim[50:] >= 0.95).all()
+    # Blocks smaller than a cluster decide the same (the greedy pass carries kept items across blocks).
+    assign = np.zeros(len(x), dtype=np.int64)
+    small = greedy_clusters(x, np.arange(len(x)), assign, 0.05, block=3)[0]
+    assert np.array_equal(small, greedy_clusters(x, np.arange(len(x)), assign, 0.05)[0])
 
 
 def test_cli_dedup_prints_a_summary(search_pool):
     from click.testing import CliRunner
 
-    from webcurate.curation.search_cli import dedup_cmd
+    from webcurate.curation.cli import dedup
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = CliRunner().invoke(dedup_cmd, ["--input", search_pool.root, "--threshold", str(THRESHOLD), "--k", "8"])
+        out = CliRunner().invoke(dedup, ["--input", search_pool.root, "--threshold", str(THRESHOLD), "--k", "8",
+                                         "--no-report"])
     assert out.exit_code == 0, out.output
     assert "removed:copy" in out.output and "dedup (copy)" in out.output
 
 
 def test_nprobe_over_every_ivf_cell_finds_exactly_the_flat_edges():
-    from webcurate.curation import vectors
+    from webcurate.curation import knn
 
     x, _ = _planted_vectors(4000, 64, 200, noise=0.5)
-    flat = vectors.knn_edges(x, 8, 0.6, choice=vectors.choose_index(len(x), kind="flat"))
-    every = vectors.choose_index(len(x), kind="ivf", nprobe=10_000)
+    flat = knn.knn_edges_array(x, 8, 0.6, choice=knn.choose_index(len(x), kind="flat"))
+    every = knn.choose_index(len(x), kind="ivf", nprobe=10_000)
     assert every.nprobe == every.nlist, "nprobe must be capped at the number of cells"
-    ivf_all = vectors.knn_edges(x, 8, 0.6, choice=every)
-    one = vectors.choose_index(len(x), kind="ivf", nprobe=1)
-    ivf_one = vectors.knn_edges(x, 8, 0.6, choice=one)
+    ivf_all = knn.knn_edges_array(x, 8, 0.6, choice=every)
+    ivf_one = knn.knn_edges_array(x, 8, 0.6, choice=knn.choose_index(len(x), kind="ivf", nprobe=1))
     as_set = lambda e: set(zip(e[0].tolist(), e[1].tolist()))  # noqa: E731
     assert as_set(ivf_all) == as_set(flat), "probing every cell must equal exact search"
     assert as_set(ivf_one) <= as_set(flat) and len(as_set(ivf_one)) <= len(as_set(flat))

@@ -22,15 +22,16 @@ def test_embed_writes_normalised_float16_parts_with_model_in_manifest(search_poo
     # Rows follow tar order, so identical inputs give identical parts.
     assert part["key"].to_pylist() == search_pool.keys[:16]
 
-    from webcurate.curation.vectors import load_embeddings
+    from webcurate.curation.embedding_parts import read_embeddings
 
-    keys, x = load_embeddings(search_pool.root)
+    emb = read_embeddings(search_pool.root)
+    keys, x = emb.keys, emb.vectors
     assert x.dtype == np.float32 and x.shape == (len(search_pool.keys) - 1, 320)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     entry = ds.manifest["stages"]["embeddings"]
     assert entry["model"] == MODEL and entry["dim"] == 320
     assert entry["weights_sha256"].startswith("random-init:") and entry["weights_source"] == "random-init"
-    assert search_pool.embed_result["counts"] == {"total": 39, "ok": 38, "failed": 1, "failed:decode": 1}
+    assert search_pool.embed_result.totals == {"total": 39, "ok": 38, "failed": 1, "failed:decode": 1}
 
 
 def test_undecodable_image_is_a_failed_row_with_null_embedding(search_pool):
@@ -40,9 +41,9 @@ def test_undecodable_image_is_a_failed_row_with_null_embedding(search_pool):
     assert rows[broken]["status"] == "failed"
     assert rows[broken]["embedding"] is None
     assert rows[broken]["error"].startswith("decode:")
-    from webcurate.curation.vectors import load_embeddings
+    from webcurate.curation.embedding_parts import read_embeddings
 
-    keys, _ = load_embeddings(search_pool.root)
+    keys = read_embeddings(search_pool.root).keys
     assert broken not in keys and len(keys) == len(set(keys))
 
 
@@ -53,7 +54,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_missing_part(search_pool):
     before = ds.read_sidecar_part("embeddings", 1)
     os.unlink(ds.sidecar_uri("embeddings", 1))  # as if killed before shard 1 landed
     result = run_embed(search_pool.root, MODEL, random_init=True, image_size=SIZE, batch_size=8, summary=False)
-    assert result["shards_done"] == [1] and result["shards_skipped"] == [0, 2]
+    assert sorted(result.done) == [1] and result.skipped == [0, 2]
     after = ds.read_sidecar_part("embeddings", 1)
     assert after["key"].to_pylist() == before["key"].to_pylist()
     a = np.array([v if v is not None else [0.0] * 320 for v in after["embedding"].to_pylist()], np.float32)
@@ -69,10 +70,12 @@ def test_refuses_without_weights_and_names_random_init(tmp_path):
         run_embed(str(tmp_path), MODEL)
     with pytest.raises(ConfigError, match="not both"):
         run_embed(str(tmp_path), MODEL, weights="a.safetensors", checkpoint="b.pt")
+    with pytest.raises(ConfigError, match=r"embed: image_size: .*'big'"):
+        run_embed(str(tmp_path), MODEL, random_init=True, image_size="big")
 
 
 def test_unknown_architecture_is_a_clear_error():
-    from webcurate.curation.backbones import BackboneSpec, build_backbone
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone
 
     with pytest.raises(ConfigError, match="unknown timm architecture 'convnext_attoo'.*convnext_atto"):
         build_backbone(BackboneSpec("convnext_attoo", random_init=True, image_size=SIZE))
@@ -90,7 +93,7 @@ def test_weights_from_safetensors_and_wrapped_state_dict_give_the_same_model(tmp
     import torch
     from safetensors.torch import save_file
 
-    from webcurate.curation.backbones import BackboneSpec, build_backbone, file_sha256
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone, file_sha256
 
     state = _random_state(MODEL)  # includes the classifier head, which embedding drops
     st_path = str(tmp_path / "w.safetensors")
@@ -112,7 +115,7 @@ def test_weights_from_safetensors_and_wrapped_state_dict_give_the_same_model(tmp
 def test_weights_of_another_architecture_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from webcurate.curation.backbones import BackboneSpec, build_backbone
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone
 
     path = str(tmp_path / "resnet.safetensors")
     save_file({k: v.contiguous() for k, v in _random_state("resnet10t").items()}, path)
@@ -123,7 +126,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_pickled_objects_in_a_weights_file_are_refused(tmp_path):
     import pickle
 
-    from webcurate.curation.backbones import BackboneSpec, build_backbone
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone
 
     path = str(tmp_path / "evil.pt")
     with open(path, "wb") as f:
@@ -136,7 +139,7 @@ def test_vit_weights_at_224_load_at_another_image_size(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from webcurate.curation.backbones import BackboneSpec, build_backbone
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone
 
     path = str(tmp_path / "vit.safetensors")
     save_file({k: v.contiguous() for k, v in _random_state("vit_tiny_patch16_224").items()}, path)
@@ -150,7 +153,7 @@ def test_embed_reads_an_s3_dataset_with_s3_weights(s3_bucket, ray_local, search_
     from safetensors.torch import save_file
 
     from webcurate.curation.embed import run_embed
-    from webcurate.curation.vectors import read_embeddings
+    from webcurate.curation.embedding_parts import read_embeddings
     from webcurate.shards import storage
 
     root = f"{s3_bucket}/pool"
@@ -164,10 +167,10 @@ def test_embed_reads_an_s3_dataset_with_s3_weights(s3_bucket, ray_local, search_
 
     result = run_embed(root, MODEL, weights=f"{s3_bucket}/weights/w.safetensors", image_size=SIZE,
                        dtype="float32", summary=False)
-    assert result["shards_done"] == [0, 1, 2] and result["counts"]["ok"] == 6
+    assert sorted(result.done) == [0, 1, 2] and result.totals["ok"] == 6
     # The shard whose every sample failed at ingest has an empty part, so it counts as done.
     assert Dataset(root).read_sidecar_part("embeddings", 2).num_rows == 0
-    assert result["weights_source"] == "weights" and len(result["weights_sha256"]) == 64
+    assert result.info["weights_source"] == "weights" and len(result.info["weights_sha256"]) == 64
     emb = read_embeddings(root)
     assert emb.keys == [it.key for it in items] and emb.dim == 320
     sims = emb.vectors @ emb.vectors[0]
@@ -182,14 +185,14 @@ def test_embed_reads_an_s3_dataset_with_s3_weights(s3_bucket, ray_local, search_
     assert not rows["copy"]["keep"] and rows["copy"]["duplicate_of"] == "k0"
     assert sum(r["keep"] for r in rows.values()) == 5
     res = run_retrieve(root, [root], k=1, summary=False)  # each kept sample finds itself
-    assert res["counts"]["selected"] == 5 and Dataset(root).sidecar_completed("retrieve") == [0, 1, 2]
+    assert res.totals["selected"] == 5 and Dataset(root).sidecar_completed("retrieve") == [0, 1, 2]
 
 
 def test_checkpoint_export_of_our_training_loads_with_its_own_architecture_and_size(tmp_path):
     import timm
     import torch
 
-    from webcurate.curation.backbones import BackboneSpec, build_backbone, file_sha256
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone, file_sha256
     from webcurate.train.export import backbone_metadata, save_safetensors
 
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 0}
@@ -223,11 +226,13 @@ def _add_shard_without_images(root: str) -> None:
 def test_cli_help_explains_every_option():
     from click.testing import CliRunner
 
-    from webcurate.curation.search_cli import dedup_cmd, embed_cmd, retrieve_cmd
+    from webcurate.curation.cli import dedup, embed, retrieve
 
-    for cmd, options in ((embed_cmd, ["--weights", "--checkpoint", "--random-init", "--num-gpus", "--concurrency"]),
-                         (dedup_cmd, ["--method", "--against", "--threshold", "--keep"]),
-                         (retrieve_cmd, ["--seed", "--mode", "--per-cluster", "--min-seed-per-cluster"])):
+    for cmd, options in ((embed, ["--weights", "--checkpoint", "--random-init", "--num-gpus", "--concurrency",
+                                  "--calibration-samples"]),
+                         (dedup, ["--method", "--against", "--threshold", "--keep", "--allow-mass-removal",
+                                  "--memory-per-task"]),
+                         (retrieve, ["--seeds", "--mode", "--per-cluster", "--min-seed-per-cluster"])):
         out = CliRunner().invoke(cmd, ["--help"])
         assert out.exit_code == 0
         for opt in options:

@@ -37,12 +37,12 @@ def _images(root: str) -> dict[str, tuple[str, dict]]:
 
 
 def test_export_copies_the_sample_selection_byte_exact_with_merged_fields(curated, tmp_path, ray_local):
-    from webcurate.curation.export import run_export
+    from webcurate.curation.export_selection import run_export
 
     root, info = curated
     out = str(tmp_path / "curated")
     res = run_export(root, out, summary=False)
-    assert res["selection"] == "sample" and res["exported"] == len(info["sampled"]) == 25
+    assert res.info["selection"] == "sample" and res.info["exported"] == len(info["sampled"]) == 25
     src, dst = _images(root), _images(out)
     assert sorted(dst) == sorted(info["sampled"])
     for key, (sha, meta) in dst.items():
@@ -68,30 +68,31 @@ def test_export_copies_the_sample_selection_byte_exact_with_merged_fields(curate
 
 
 def test_explicit_selection_exports_dedup_survivors(curated, tmp_path, ray_local):
-    from webcurate.curation.export import run_export
+    from webcurate.curation.export_selection import run_export
 
     root, info = curated
     out = str(tmp_path / "survivors")
     res = run_export(root, out, selection="dedup", summary=False)
-    assert res["selection"] == "dedup"
+    assert res.info["selection"] == "dedup"
     assert sorted(_images(out)) == sorted(k for k in info["keys"] if k not in info["dropped"])
 
 
 def test_rerunning_an_export_is_a_no_op_and_a_foreign_output_is_refused(curated, tmp_path, ray_local):
-    from webcurate.curation.export import run_export
+    from webcurate.curation.export_selection import run_export
 
     root, _ = curated
     out = str(tmp_path / "curated")
     run_export(root, out, summary=False)
     before = Dataset(out).manifest["completed_shards"]
-    assert run_export(root, out, summary=False)["exported"] == 25
+    again = run_export(root, out, summary=False)
+    assert again.info["exported"] == 25 and not again.ran
     assert Dataset(out).manifest["completed_shards"] == before
     with pytest.raises(DatasetError, match="another dataset"):
         run_export(root, out, selection="dedup", summary=False)
 
 
 def test_nothing_selected_yet_is_a_clear_error(tmp_path):
-    from webcurate.curation.export import run_export
+    from webcurate.curation.export_selection import run_export
 
     root = str(tmp_path / "raw")
     cd.write_dataset(root, 4, shard_size=4)

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import load_helper
 from webcurate.curation import kmeans as km
-from webcurate.curation.sampling import balanced_sample, size_entropy
+from webcurate.curation.water_fill import balanced_sample, size_entropy
 
 
 cd = load_helper(pathlib.Path(__file__).with_name("cluster_data.py"))

@@ -43,7 +43,7 @@ def test_sample_selects_exactly_the_target_among_clustered_keys(clustered):
 
     root, keys, dropped, _ = clustered
     res = run_sample(root, 37, strategy="closest", seed=0, summary=False)
-    assert res["selected"] == 37 and res["clustered"] == N - len(dropped)
+    assert res.info["selected"] == 37 and res.info["clustered"] == N - len(dropped)
     ds = Dataset(root)
     assert ds.sidecar_completed("sample") == [0, 1, 2]
     t = ds.read_sidecar("sample")
@@ -52,12 +52,12 @@ def test_sample_selects_exactly_the_target_among_clustered_keys(clustered):
     chosen = {k for k, s in zip(t["key"].to_pylist(), t["selected"].to_pylist()) if s}
     assert len(chosen) == 37 and not (chosen & dropped)
     # Balancing raised the cluster-size entropy of the selection.
-    assert res["entropy_after"] > res["entropy_before"]
+    assert res.info["entropy_after"] > res.info["entropy_before"]
 
 
 def test_balanced_sample_spreads_over_blobs_more_than_their_sizes(clustered):
     from webcurate.curation.sample import run_sample
-    from webcurate.curation.sampling import size_entropy
+    from webcurate.curation.water_fill import size_entropy
 
     root, keys, dropped, blob_of = clustered
     run_sample(root, 40, strategy="random", seed=1, summary=False)
@@ -73,9 +73,9 @@ def test_rerun_skips_and_new_target_recomputes(clustered):
 
     root, *_ = clustered
     run_sample(root, 30, summary=False)
-    assert run_sample(root, 30, summary=False)["skipped"]
+    assert not run_sample(root, 30, summary=False).ran
     res = run_sample(root, 31, summary=False)
-    assert not res["skipped"] and res["selected"] == 31
+    assert res.ran and res.info["selected"] == 31
 
 
 def test_target_above_the_clustered_count_selects_all_with_a_warning(clustered):
@@ -84,7 +84,7 @@ def test_target_above_the_clustered_count_selects_all_with_a_warning(clustered):
     root, keys, dropped, _ = clustered
     with pytest.warns(UserWarning, match="larger than the 100 clustered"):
         res = run_sample(root, 10_000, summary=False)
-    assert res["selected"] == N - len(dropped)
+    assert res.info["selected"] == N - len(dropped)
 
 
 def test_sample_without_clusters_is_a_clear_error(tmp_path):
@@ -103,4 +103,4 @@ def test_reclustering_invalidates_the_sample(clustered):
     root, *_ = clustered
     run_sample(root, 30, summary=False)
     run_cluster(root, levels="6,2", resampling_steps=1, seed=9, summary=False)
-    assert not run_sample(root, 30, summary=False)["skipped"]
+    assert run_sample(root, 30, summary=False).ran

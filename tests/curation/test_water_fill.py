@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from webcurate.curation.sampling import SamplingError, balanced_sample, size_entropy, water_fill
+from webcurate.curation.water_fill import SamplingError, balanced_sample, size_entropy, water_fill
 
 
 def _brute_force_cap(sizes: np.ndarray, target: int) -> int:

@@ -1,11 +1,14 @@
-"""Inference backbones: a timm architecture by name plus weights from a local file.
+"""Embedding models for inference: a timm architecture by name plus weights from a local file.
+
+(The training backbone lives in ``webcurate.train``; curation never imports it.)
 
 Three weight sources, exactly one per run:
 
 - ``weights``: a safetensors file or a torch state dict (``torch.load`` with
   ``weights_only=True``, so no pickled code runs), local or ``s3://``;
-- ``checkpoint``: a checkpoint of our own ``webcurate train``, loaded through
-  ``webcurate.train.export.load_backbone``;
+- ``checkpoint``: a backbone exported by our own ``webcurate train``
+  (``backbone.safetensors`` or the folder holding it), read through the
+  exported-backbone contract ``webcurate.shards.backbone_format``;
 - ``random_init``: seeded random weights, for tests and smoke runs only.
 
 Never downloads from a model hub (``pretrained=False`` always). The same
@@ -64,20 +67,13 @@ class BackboneInfo:
 
 
 def validate_spec(spec: BackboneSpec) -> None:
-    """Exactly one weight source, and a sane image size; raises ConfigError."""
-    given = [n for n, v in (("--weights", spec.weights), ("--checkpoint", spec.checkpoint)) if v]
-    if len(given) > 1:
-        raise ConfigError("give either --weights or --checkpoint, not both")
-    if given and spec.random_init:
-        raise ConfigError(f"--random-init cannot be combined with {given[0]}")
-    if not given and not spec.random_init:
-        raise ConfigError(
-            f"no weights for model {spec.model!r}: pass --weights FILE (safetensors or torch state dict), "
-            "--checkpoint CKPT (from `webcurate train`), or --random-init for a test run "
-            "(webcurate never downloads weights from a model hub)"
-        )
-    if spec.image_size < 16:
-        raise ConfigError(f"--image-size must be at least 16, got {spec.image_size}")
+    """Exactly one weight source and a sane image size (the rule of ``EmbedParams``); raises ConfigError."""
+    from webcurate.shards.params import parse
+
+    from .stage_params import EmbedParams
+
+    parse(EmbedParams, {"model": spec.model, "weights": spec.weights, "checkpoint": spec.checkpoint,
+                        "random_init": spec.random_init, "image_size": spec.image_size}, "embed")
 
 
 def file_sha256(path: str) -> str:
@@ -302,51 +298,47 @@ def pool_features(out: Any):
     return out
 
 
-def _load_own_checkpoint(spec: BackboneSpec):
-    """Backbone from a ``webcurate train`` checkpoint, run folder or export (file hash recorded).
-
-    The architecture recorded in the checkpoint wins over ``spec.model``
-    (which only names plain state dicts), and so does its image size: a ViT
-    trained at 32 px has a 32 px position grid.
-    """
-    assert spec.checkpoint is not None
-    try:
-        # Written by the training engineer; it restores our own ViT from a checkpoint.
-        from webcurate.train.export import load_backbone, resolve_backbone_path
-    except ImportError as e:
-        raise ConfigError(
-            "--checkpoint needs webcurate.train.export.load_backbone, which this install lacks; "
-            "export the backbone to a safetensors file and pass it with --weights instead"
-        ) from e
+def resolve_checkpoint(path: str) -> str:
+    """The exported ``backbone.safetensors`` of ``path``: the file itself, or the one inside a
+    ``webcurate train`` output or checkpoint folder (local or ``s3://``)."""
     from webcurate.shards import storage
+    from webcurate.shards.backbone_format import BACKBONE_FILE
 
-    if storage.is_s3(spec.checkpoint):
-        path, is_tmp = _local_copy(spec.checkpoint, "checkpoint")
-    elif os.path.exists(spec.checkpoint):
-        path, is_tmp = spec.checkpoint, False
-    else:
-        raise FileNotFoundError(f"checkpoint {spec.checkpoint} does not exist")
+    if path.endswith(".safetensors"):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+    inner = storage.join(path, BACKBONE_FILE)
+    if storage.exists(inner):
+        return inner
+    if not storage.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise ConfigError(f"{path} holds no {BACKBONE_FILE}; `webcurate train` writes it into its --output folder "
+                      "when it finishes (pass that folder or the file). Curation reads only exported backbones.")
+
+
+def _load_own_checkpoint(spec: BackboneSpec):
+    """Backbone exported by ``webcurate train`` (``shards.backbone_format``; the file hash is recorded).
+
+    The architecture recorded in the file wins over ``spec.model`` (which only
+    names plain state dicts), and so does its image size: a ViT trained at
+    32 px has a 32 px position grid.
+    """
+    from webcurate.shards.backbone_format import load_backbone_file
+
+    assert spec.checkpoint is not None
+    uri = resolve_checkpoint(spec.checkpoint)
+    path, is_tmp = _local_copy(uri, "checkpoint")
     try:
-        try:
-            sha = file_sha256(resolve_backbone_path(path))
-            try:
-                model = load_backbone(path)
-            except ValueError as e:
-                if "pass model_name" not in str(e):
-                    raise
-                model = load_backbone(path, model_name=spec.model)  # a plain state dict
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"cannot load checkpoint {spec.checkpoint}: {e}") from e
+        sha = file_sha256(path)
+        model, meta = load_backbone_file(path)
     finally:
         if is_tmp:
             os.unlink(path)
-    model.eval()
-    extra = dict(getattr(model, "webcurate_info", None) or {})
     notes: list[str] = []
-    image_size = int(extra.get("image_size") or spec.image_size)
+    image_size = int(meta.image_size or spec.image_size)
     if image_size != spec.image_size:
         notes.append(f"checkpoint was trained at {image_size}px; embedding at {image_size}px, not {spec.image_size}px")
-    dim = int(extra.get("dim") or getattr(model, "num_features", 0) or _probe_dim(model, image_size))
+    dim = int(getattr(model, "num_features", 0) or _probe_dim(model, image_size))
     mean, std = _norm_stats(model)
-    name = str(extra.get("model") or spec.model)
-    return model, BackboneInfo(name, dim, sha, "checkpoint", mean, std, notes, image_size=image_size)
+    return model, BackboneInfo(meta.model_name, dim, sha, "checkpoint", mean, std, notes, image_size=image_size)

@@ -28,10 +28,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from webcurate.shards.errors import ConfigError
 from webcurate.shards.dataset import Dataset, DatasetError
 
-from . import global_stage
+from webcurate.shards.global_stage import require_complete, stage_entry
+from webcurate.shards.stage import StageResult
 
 SELECTIONS = ("auto", "sample", "retrieve", "dedup")
 # Which boolean column of each stage's sidecar marks a selected key, and the
@@ -45,12 +45,10 @@ _SKIP = {"clusters": {"key", "status"}, "dedup": {"key"}, "retrieve": {"key"}}
 
 def resolve_selection(ds: Dataset, selection: str = "auto") -> str:
     """The stage whose selection to export; a clear error when there is none or it is partial."""
-    if selection not in SELECTIONS:
-        raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     candidates = ("sample", "retrieve", "dedup") if selection == "auto" else (selection,)
     for stage in candidates:
         if ds.sidecar_completed(stage) or (selection != "auto"):
-            global_stage.require_complete(ds, stage, _COMMAND[stage])
+            require_complete(ds, stage, _COMMAND[stage])
             return stage
     raise DatasetError(
         f"{ds.root} has nothing selected to export yet: run `webcurate sample`, `webcurate retrieve` "
@@ -115,27 +113,44 @@ def export_fields(ds: Dataset, keys: list[str], selection: str) -> dict[str, dic
     return fields
 
 
-def run_export(input: str, output: str, *, selection: str = "auto", workers: int | None = None,
-               summary: bool = True) -> dict[str, Any]:
-    """Export the selected samples of ``input`` as a new dataset at ``output``.
+def run_export(input: str, output: str, *, summary: bool = True, **options: Any) -> StageResult:
+    """Export the selected samples of ``input`` as a new dataset at ``output``; ``options`` are ``ExportParams``.
 
-    Returns ``{"selection", "selected", "exported", "output", "parent",
-    "seconds"}``. Resumable: re-running continues a partial export and
-    finishes at once when it is complete.
+    ``info``: selection, selected, exported, missing (selected keys the
+    source index no longer lists as ok), output, parent. Resumable:
+    re-running continues a partial export and finishes at once when it is
+    complete (then ``ran`` is false).
     """
+    import time
+
+    from webcurate.shards import manifest as manifest_mod
+    from webcurate.shards.params import parse
     from webcurate.shards.subset import write_subset
 
+    from .stage_params import ExportParams
+
     t0 = time.time()
+    params = parse(ExportParams, options, "export")
     ds = Dataset(input)
     _ = ds.manifest  # a clear error when input is not a dataset
-    stage = resolve_selection(ds, selection)
+    stage = resolve_selection(ds, params.selection)
     keys = selected_keys(ds, stage)
     if not keys:
         raise DatasetError(f"the `{stage}` selection of {ds.root} is empty; nothing to export")
     fields = export_fields(ds, keys, stage)
-    entry = global_stage.stage_entry(ds, stage)
-    params = {"selection": stage, "selection_parameters": entry.get("parameters")}
-    m = write_subset(ds.root, output, fields, stage="export", parameters=params, workers=workers, summary=summary)
-    exported = int((m.get("counts") or {}).get("ok", 0))
-    return {"selection": stage, "selected": len(keys), "exported": exported, "output": output,
-            "parent": m.get("parent"), "seconds": round(time.time() - t0, 2)}
+    before = set(Dataset(output).completed_shards()) if manifest_mod.load(output) else set()
+    sel = {"selection": stage, "selection_parameters": stage_entry(ds, stage).get("parameters")}
+    m = write_subset(ds.root, output, fields, stage="export", parameters=sel, workers=params.workers,
+                     summary=summary)
+    after = set(Dataset(output).completed_shards())
+    counts = m.get("counts") or {}
+    exported = int(counts.get("ok", 0))
+    result = StageResult(stage="export", root=output, done={s: {} for s in sorted(after - before)},
+                         skipped=sorted(before), totals=dict(counts), seconds=time.time() - t0,
+                         info={"selection": stage, "selected": len(keys), "exported": exported,
+                               "missing": int(counts.get("missing", 0)), "output": output, "parent": m.get("parent")})
+    if result.info["missing"]:
+        result.warnings.append(f"{result.info['missing']} selected samples were not exported (no longer ok in "
+                               f"the index of {ds.root}); see the export's index for their rows")
+        print(f"warning: {result.warnings[-1]}")
+    return result

@@ -119,11 +119,7 @@ def balanced_sample(labels: np.ndarray, target: int, *, distance: np.ndarray | N
                 f"spans several level-{t + 2} clusters"
             )
         parent_of.append(par)
-    # Top level: one virtual root over all top clusters.
-    share = water_fill(counts[L - 1], np.zeros(counts[L - 1].shape[0], dtype=np.int64),
-                       np.array([target], dtype=np.int64), rng)
-    for t in range(L - 2, -1, -1):
-        share = water_fill(counts[t], parent_of[t], share, rng)
+    share = hierarchy_shares(counts, parent_of, target, rng)
     # Level 1: take each cluster's share of its points.
     prio = distance.astype(np.float64) if strategy == "closest" else rng.random(n)
     leaf = dense[:, 0]
@@ -133,6 +129,48 @@ def balanced_sample(labels: np.ndarray, target: int, *, distance: np.ndarray | N
     mask = np.zeros(n, dtype=bool)
     mask[order[rank < share[leaf[order]]]] = True
     return mask
+
+
+def hierarchy_shares(counts: list[np.ndarray], parent_of: list[np.ndarray], target: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Top-down water-filling of ``target`` over a hierarchy: the share of each finest cluster.
+
+    counts[t]: (C_t,) points per (dense) cluster of level t, finest first;
+    parent_of[t]: (C_t,) its level-(t+1) cluster. The top level's clusters
+    share the target under one virtual root.
+    """
+    top = len(counts) - 1
+    share = water_fill(counts[top], np.zeros(counts[top].shape[0], dtype=np.int64),
+                       np.array([target], dtype=np.int64), rng)
+    for t in range(top - 1, -1, -1):
+        share = water_fill(counts[t], parent_of[t], share, rng)
+    return share
+
+
+def shares_from_level1_counts(level1: np.ndarray, parents: list[np.ndarray], target: int,
+                              seed: int) -> np.ndarray:
+    """(k1,) share of each level-1 cluster id from its point count and the parent maps of the levels above.
+
+    The same shares ``balanced_sample`` gives for points with these labels and ``seed``
+    (clusters without points are left out and renumbered densely, in id order, as there).
+    """
+    level1 = np.asarray(level1, dtype=np.int64)
+    present = np.flatnonzero(level1 > 0)
+    counts = [level1[present]]
+    ids = present  # cluster ids of the dense level-t clusters
+    parent_of: list[np.ndarray] = []
+    for par in parents:
+        up = np.asarray(par, dtype=np.int64)[ids]
+        uniq, dense_up = np.unique(up, return_inverse=True)
+        parent_of.append(dense_up.astype(np.int64))
+        counts.append(np.bincount(dense_up, weights=counts[-1], minlength=len(uniq)).astype(np.int64))
+        ids = uniq
+    out = np.zeros(len(level1), dtype=np.int64)
+    if int(level1.sum()) <= target:
+        out[:] = level1
+        return out
+    out[present] = hierarchy_shares(counts, parent_of, target, np.random.default_rng(seed))
+    return out
 
 
 def size_entropy(groups: np.ndarray) -> float:

@@ -1,0 +1,240 @@
+"""The kNN graph of a dataset's embeddings as Ray tasks over its parts (see ``knn.py`` for the search).
+
+A sample is identified by a global id ``gid = offset[shard] + row``, ``row``
+its position among the shard's ok index rows. Rows in ``exclude`` (per shard,
+e.g. exact duplicates already removed) take no part.
+
+IVF (large pools):
+1. ``sample_task``: a seeded share of each part's vectors -> ``train_task``
+   trains the coarse cells (spherical k-means) on them;
+2. ``assign_task``: each vector's ``nprobe`` nearest cells (kept in the
+   object store) and the cell sizes (to the driver);
+3. the driver groups nearby cells so a group's vectors fit a task;
+4. ``emit_task``: each part splits its vectors by group: a group gets the
+   vectors of its cells (database) and every vector probing one of its cells
+   (queries); ``group_task`` searches one group;
+5. ``merge_edges`` keeps each query's best k+1 over the groups.
+
+Exact (small pools, or ``--index flat``): database and query blocks of whole
+parts, every query block against every database block (``block_task``).
+"""
+from __future__ import annotations
+
+import math
+import resource
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import knn
+from .embedding_parts import Part, normalized, read_part
+from .ray_tasks import map_tasks
+
+
+@dataclass
+class PartPlan:
+    """The parts a global stage reads: shards, ok rows per shard (-> gids), dim, rows left out."""
+
+    root: str
+    shards: list[int]
+    counts: dict[int, int]
+    dim: int
+    exclude: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.offsets = {}
+        total = 0
+        for s in self.shards:
+            self.offsets[s] = total
+            total += int(self.counts.get(s, 0))
+        self.total = total
+
+    def part_args(self, shard: int) -> dict:
+        return {"offset": self.offsets[shard], "exclude": self.exclude.get(shard, np.zeros(0, np.int64))}
+
+    def shard_of(self, gid: np.ndarray) -> np.ndarray:
+        """Shard of each gid."""
+        starts = np.array([self.offsets[s] for s in self.shards], dtype=np.int64)
+        return np.asarray(self.shards, dtype=np.int64)[np.searchsorted(starts, gid, side="right") - 1]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def load(root: str, shard: int, dim: int, offset: int, exclude: np.ndarray,
+         stored: bool = False) -> tuple[Part, np.ndarray, np.ndarray]:
+    """A part's vectors minus ``exclude``: (part, gids (m,), vectors (m, D) float32 normalised).
+
+    ``stored``: the vectors as stored instead (float16 mostly): what is shipped to other
+    tasks, which apply ``normalized`` and so compute on the very same bits.
+    """
+    part = read_part(root, shard, dim)
+    keep = ~np.isin(part.rows, exclude)
+    return part, offset + part.rows[keep], (part.stored if stored else part.vectors)[keep]
+
+
+def sample_task(shard: int, *, root: str, dim: int, rate: float, seed: int, offset: int,
+                exclude: np.ndarray) -> np.ndarray:
+    """A seeded share ``rate`` of one part's vectors, in row order: (m, D) float32 (all of them at rate 1)."""
+    _, _, x = load(root, shard, dim, offset, exclude)
+    if rate >= 1:
+        return x
+    return x[np.random.default_rng([seed, shard]).random(len(x)) < rate]
+
+
+def train_task(_: int, *, samples: list, nlist: int, seed: int, gpu: bool) -> np.ndarray:
+    """Coarse cells from the concatenated samples (shard order): (nlist, D) float32."""
+    import ray
+
+    x = np.concatenate(ray.get(samples))
+    return knn.train_cells(x, min(nlist, len(x)), seed, gpu=gpu)
+
+
+def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, nprobe: int, offset: int,
+                exclude: np.ndarray, gpu: bool) -> tuple:
+    """``(cell sizes (nlist,), (gids, probe ids, probe sims))`` of one part."""
+    _, gid, x = load(root, shard, dim, offset, exclude)
+    pi, pd = knn.probes(x, centroids, nprobe, gpu=gpu)
+    return np.bincount(pi[:, 0], minlength=centroids.shape[0]), (gid, pi, pd)
+
+
+def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: int, offset: int,
+              exclude: np.ndarray) -> tuple:
+    """One part split by group: per group, its database rows and the rows probing its cells."""
+    import ray
+
+    _, gid, x = load(root, shard, dim, offset, exclude, stored=True)
+    gid_p, pi, pd = ray.get(probe) if not isinstance(probe, tuple) else probe
+    assert np.array_equal(gid, gid_p), "parts changed between two passes"
+    probe_groups = cell_group[pi]
+    out = []
+    for g in range(groups):
+        is_db = probe_groups[:, 0] == g
+        is_q = (probe_groups == g).any(axis=1)
+        sel = is_db | is_q
+        out.append({"gid": gid[sel], "x": x[sel], "is_db": is_db[sel], "is_q": is_q[sel],
+                    "pi": pi[sel], "pd": pd[sel]})
+    return tuple(out) if groups > 1 else out[0]
+
+
+def group_task(group: int, *, buckets: list, centroids: np.ndarray, kk: int, threshold: float,
+               gpu: bool) -> tuple:
+    """Search one group: its queries against its cells. Returns ``(q, d, s, bytes held, peak RSS)``."""
+    import ray
+
+    parts = [b for b in ray.get(buckets) if len(b["gid"])]
+    if not parts:
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0, np.float32), 0, peak_rss_bytes()
+    cat = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    x = normalized(cat["x"])
+    db, q = cat["is_db"], cat["is_q"]
+    held = int(x.nbytes + db.sum() * x.shape[1] * 4)
+    out = knn.search_block(x[db], cat["gid"][db], x[q], cat["gid"][q], kk, threshold, centroids=centroids,
+                           db_cell=cat["pi"][db, 0], q_probe=(cat["pi"][q], cat["pd"][q]), gpu=gpu)
+    return (*out, held, peak_rss_bytes())
+
+
+def block_task(pair: tuple[int, int], *, root: str, dim: int, blocks: list, plan_args: dict, kk: int,
+               threshold: float, gpu: bool) -> tuple:
+    """Exact search of query block ``pair[0]`` against database block ``pair[1]`` (each a list of shards)."""
+    def read(shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        got = [load(root, s, dim, **plan_args[s])[1:] for s in shards]
+        if not got:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return np.concatenate([g for g, _ in got]), np.concatenate([x for _, x in got])
+
+    qg, qx = read(blocks[pair[0]])
+    dg, dx = (qg, qx) if pair[0] == pair[1] else read(blocks[pair[1]])
+    out = knn.search_block(dx, dg, qx, qg, kk, threshold, gpu=gpu)
+    return (*out, int(qx.nbytes + (dx.nbytes if pair[0] != pair[1] else 0)), peak_rss_bytes())
+
+
+@dataclass
+class Graph:
+    """Edges above the threshold (src < dst gids, cosine) and how they were found."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    sim: np.ndarray
+    info: dict
+
+
+def _blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
+    blocks, cur, rows = [], [], 0
+    for s in plan.shards:
+        n = plan.counts.get(s, 0)
+        if cur and rows + n > budget_rows:
+            blocks.append(cur)
+            cur, rows = [], 0
+        cur.append(s)
+        rows += n
+    return blocks + ([cur] if cur else [])
+
+
+def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", nprobe: int | None = None,
+              seed: int = 0, memory: int, gpus: float = 0.0) -> Graph:
+    """The thresholded kNN graph over the plan's parts (see the module docstring)."""
+    live = plan.total - sum(len(v) for v in plan.exclude.values())
+    choice = knn.choose_index(max(live, 0), kind=index, nprobe=nprobe)
+    if k > live - 1 > 0:
+        warnings.warn(f"k={k} is larger than the {live - 1} other samples searched; using k={live - 1}",
+                      stacklevel=3)
+    kk = int(min(k + 1, max(live, 1)))
+    gpu = gpus > 0
+    common = {"root": plan.root, "dim": plan.dim}
+    per_part = {s: plan.part_args(s) for s in plan.shards}
+    # A task holds its rows twice in float32 (faiss's copy) plus the results: a third of its memory each.
+    budget_rows = max(1024, memory // (3 * 4 * max(plan.dim, 1)))
+    results: list[tuple] = []
+    if choice.kind == "flat":
+        blocks = _blocks(plan, budget_rows // 2)
+        pairs = [(i, j) for i in range(len(blocks)) for j in range(len(blocks))]
+        map_tasks(block_task, pairs, kwargs={**common, "blocks": blocks, "plan_args": per_part, "kk": kk,
+                                            "threshold": threshold, "gpu": gpu},
+                  desc="exact knn", memory=memory, gpus=gpus, on_result=lambda _, r: results.append(r))
+        info = {"index": "flat", "tasks": len(pairs)}
+    else:
+        rate = min(1.0, choice.train_size / max(live, 1))
+        samples = map_tasks(sample_task, plan.shards, kwargs={**common, "rate": rate, "seed": seed},
+                            per_item=per_part, desc="sample", memory=memory, keep_refs=True)
+        centroids = map_tasks(train_task, [0], kwargs={"samples": [samples[s] for s in plan.shards],
+                                                       "nlist": choice.nlist, "seed": seed, "gpu": gpu},
+                              desc="train cells", memory=memory, gpus=gpus)[0]
+        del samples
+        assigned = map_tasks(assign_task, plan.shards, kwargs={**common, "centroids": centroids,
+                                                               "nprobe": choice.nprobe, "gpu": gpu},
+                             per_item=per_part, desc="assign cells", memory=memory, num_returns=2,
+                             gpus=gpus, keep_refs=True)
+        import ray
+
+        sizes = np.zeros(centroids.shape[0], dtype=np.int64)
+        for s in plan.shards:
+            sizes += ray.get(assigned[s][0])
+        # Queries visit ~2-3 groups when nearby cells share one: budget for 3x the database rows.
+        groups = max(1, math.ceil(3 * live / budget_rows))
+        cell_group = knn.group_cells(centroids, sizes, groups, seed)
+        emitted = map_tasks(emit_task, plan.shards,
+                            kwargs={**common, "cell_group": cell_group, "groups": groups},
+                            per_item={s: {**per_part[s], "probe": assigned[s][1]} for s in plan.shards},
+                            desc="split by cell", memory=memory, num_returns=groups, keep_refs=True)
+        del assigned
+        per_group = {g: {"buckets": [emitted[s][g] if groups > 1 else emitted[s] for s in plan.shards]}
+                     for g in range(groups)}
+        del emitted
+        map_tasks(group_task, range(groups), kwargs={"centroids": centroids, "kk": kk, "threshold": threshold,
+                                                     "gpu": gpu},
+                  per_item=per_group, desc="ivf knn", memory=memory, gpus=gpus,
+                  on_result=lambda _, r: results.append(r))
+        info = {"index": "ivf", "nlist": int(centroids.shape[0]), "nprobe": choice.nprobe, "groups": groups,
+                "largest_cell": int(sizes.max()) if len(sizes) else 0}
+    q = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
+    d = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
+    s = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.float32)
+    src, dst, sim = knn.merge_edges(q, d, s, kk)
+    info.update(edges=int(len(src)), largest_task_bytes=max((int(r[3]) for r in results), default=0),
+                largest_task_rss=max((int(r[4]) for r in results), default=0))
+    return Graph(src, dst, sim, info)
