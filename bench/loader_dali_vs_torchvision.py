@@ -1,17 +1,23 @@
-"""Loader throughput: DALI multi-crop (webcurate) vs torchvision/PIL DataLoader, same shards, same cores.
+"""Loader throughput: DALI views (webcurate) vs torchvision/PIL DataLoader, same shards, same cores.
 
-Both produce DINOv2 batches (2 x 224 global + 8 x 96 local crops, flip, colour
-jitter, grayscale, blur, solarize, normalisation, iBOT masks) from the same
-WebDataset shards of CIFAR-10 train photos upscaled to 256 px (JPEG q90), with
-the same worker budget (DALI: ``num_threads`` CPU threads; torchvision: the same
-number of DataLoader worker processes).
+Two presets, both by default, each measuring both loaders on the same WebDataset
+shards of CIFAR-10 train photos with the same worker budget (DALI: ``num_threads``
+CPU threads; torchvision: the same number of DataLoader worker processes):
 
-    .venv/bin/python bench/loader_dali_vs_torchvision.py            # 2000 images, 31 batches of 64
-    .venv/bin/python bench/loader_dali_vs_torchvision.py --quick    # 512 images
-    .venv/bin/python bench/loader_dali_vs_torchvision.py --device gpu   # DALI mixed decoding on a GPU
+- ``dinov2``: DINOv2 multi-crop batches of 64 (2 x 224 global + 8 x 96 local crops,
+  flip, colour jitter, grayscale, blur, solarize, normalisation, iBOT masks) from
+  2000 photos upscaled to 256 px (JPEG q90);
+- ``cifar32``: the SimCLR two-view recipe at 32 px (CPU training on CIFAR-size
+  images), batches of 256 from 10000 photos stored at 32 px.
 
-Prints img/s of both and the ratio; the first batch of each (pipeline start,
-worker start) is excluded from the rate.
+    .venv/bin/python bench/loader_dali_vs_torchvision.py                   # both presets
+    .venv/bin/python bench/loader_dali_vs_torchvision.py --preset dinov2   # one
+    .venv/bin/python bench/loader_dali_vs_torchvision.py --quick           # 512 / 2560 images
+    .venv/bin/python bench/loader_dali_vs_torchvision.py --device gpu --skip-torchvision  # DALI mixed on a GPU
+
+Prints img/s and CPU-ms per image of both and the ratios; the first batch of each
+(pipeline start, worker start) is excluded from the rate. ``uptime``'s load is
+printed before and after: figures under load are not idle figures.
 """
 from __future__ import annotations
 
@@ -94,47 +100,62 @@ def measure(batches, label: str) -> dict:
             "batches": count, "cpu_ms_per_img": 1000 * cpu / max(total_img, 1)}
 
 
+PRESETS = {
+    # name: (images, stored px, loader overrides, quick images)
+    "dinov2": (2000, 256, {"recipe": "dinov2", "batch_size": 64}, 512),
+    "cifar32": (10000, 32, {"recipe": "simclr", "global_size": 32, "patch_size": 8, "batch_size": 256}, 2560),
+}
+
+
+def load_average() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def run_preset(name: str, args) -> None:
+    from webcurate.train.data.config import LoaderConfig
+    from webcurate.train.data.loader import make_loader
+    from webcurate.train.data.torchvision_baseline import make_torchvision_loader
+
+    n, size, overrides, quick = PRESETS[name]
+    n = quick if args.quick else (args.images or n)
+    # 8 equal shards: the torchvision workers split by shard, so every worker gets the same share.
+    shards = make_shards(os.path.join(args.workdir, f"cifar{n}_{size}"), n, size, shard_size=-(-n // 8))
+    cfg = LoaderConfig(**{**overrides, "num_threads": args.threads, "device": args.device,
+                          "interpolation": args.interpolation, "cache_dir": os.path.join(args.workdir, "idx-cache")})
+    print(f"[{name}] {n} images of {size}px in {len(shards)} shards; batch {cfg.batch_size}; recipe {cfg.recipe}: "
+          f"{cfg.global_size}x{cfg.n_global} + {cfg.local_size}x{cfg.n_local} crops; {args.threads} threads/workers; "
+          f"{os.cpu_count()} CPUs visible; interpolation {cfg.interpolation}; {load_average()}")
+    dali = measure(make_loader(shards, cfg, seed=0), f"dali-{args.device}")
+    print(f"[{name}] DALI ({args.device})        : {dali['img_per_s']:7.1f} img/s  "
+          f"({dali['images']} images in {dali['seconds']:.1f} s; start-up {dali['startup_s']:.1f} s); "
+          f"{dali['cpu_ms_per_img']:.1f} CPU-ms/img")
+    if args.skip_torchvision:
+        return
+    tv = measure(make_torchvision_loader(shards, cfg, num_workers=args.threads, seed=0), "torchvision")
+    print(f"[{name}] torchvision + PIL  : {tv['img_per_s']:7.1f} img/s  "
+          f"({tv['images']} images in {tv['seconds']:.1f} s; start-up {tv['startup_s']:.1f} s); "
+          f"{tv['cpu_ms_per_img']:.1f} CPU-ms/img")
+    print(f"[{name}] ratio DALI / torchvision: {dali['img_per_s'] / max(tv['img_per_s'], 1e-9):.2f}x img/s, "
+          f"{tv['cpu_ms_per_img'] / max(dali['cpu_ms_per_img'], 1e-9):.2f}x less CPU per image; {load_average()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000, help="images in the shards (default 2000)")
-    ap.add_argument("--quick", action="store_true", help="512 images (about a minute)")
-    ap.add_argument("--size", type=int, default=256, help="stored image side in px (default 256)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--preset", choices=["both", *PRESETS], default="both")
+    ap.add_argument("--images", type=int, default=0, help="images in the shards (default: the preset's)")
+    ap.add_argument("--quick", action="store_true", help="fewer images (about a minute in all)")
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = torchvision workers (default 2)")
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="DALI decoding device")
     ap.add_argument("--interpolation", choices=["bicubic", "bilinear"], default="bicubic")
     ap.add_argument("--skip-torchvision", action="store_true", help="measure DALI only")
     ap.add_argument("--workdir", default=os.path.join(HERE, "_work", "loader"))
     args = ap.parse_args()
-    n = 512 if args.quick else args.images
 
     import torch
 
-    from webcurate.train.data.config import LoaderConfig
-    from webcurate.train.data.loader import make_loader
-    from webcurate.train.data.torchvision_baseline import make_torchvision_loader
-
     torch.set_num_threads(1)  # the main process only copies/collates; workers do the work
-    # 8 equal shards: the torchvision workers split by shard, so every worker gets the same share.
-    shards = make_shards(os.path.join(args.workdir, f"cifar{n}_{args.size}"), n, args.size, shard_size=-(-n // 8))
-    cfg = LoaderConfig(batch_size=args.batch_size, num_threads=args.threads, device=args.device,
-                       interpolation=args.interpolation, cache_dir=os.path.join(args.workdir, "idx-cache"))
-    print(f"{n} images of {args.size}px in {len(shards)} shards; batch {cfg.batch_size}; "
-          f"{cfg.global_size}x2 + {cfg.local_size}x{cfg.n_local} crops; {args.threads} threads/workers; "
-          f"{os.cpu_count()} CPUs visible; interpolation {cfg.interpolation}")
-
-    dali = measure(make_loader(shards, cfg, seed=0), f"dali-{args.device}")
-    print(f"DALI ({args.device})        : {dali['img_per_s']:7.1f} img/s  "
-          f"({dali['images']} images in {dali['seconds']:.1f} s; start-up {dali['startup_s']:.1f} s); "
-          f"{dali['cpu_ms_per_img']:.0f} CPU-ms/img")
-    if args.skip_torchvision:
-        return
-    tv = measure(make_torchvision_loader(shards, cfg, num_workers=args.threads, seed=0), "torchvision")
-    print(f"torchvision + PIL  : {tv['img_per_s']:7.1f} img/s  "
-          f"({tv['images']} images in {tv['seconds']:.1f} s; start-up {tv['startup_s']:.1f} s); "
-          f"{tv['cpu_ms_per_img']:.0f} CPU-ms/img")
-    print(f"ratio DALI / torchvision: {dali['img_per_s'] / max(tv['img_per_s'], 1e-9):.2f}x img/s, "
-          f"{tv['cpu_ms_per_img'] / max(dali['cpu_ms_per_img'], 1e-9):.2f}x less CPU per image")
+    for name in (PRESETS if args.preset == "both" else [args.preset]):
+        run_preset(name, args)
 
 
 if __name__ == "__main__":

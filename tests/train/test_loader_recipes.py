@@ -187,3 +187,15 @@ def test_recipe_fields_are_defaults_that_config_values_override():
         LoaderConfig(recipe="byol", blur_p=(1.0, 0.1, 0.5))
     with pytest.raises(ValueError, match=r"solarize_p\[1\] is a probability"):
         LoaderConfig(recipe="byol", solarize_p=(0.0, 2.0))
+
+
+def test_two_view_recipe_resumes_exactly_with_its_colour_draws(tmp_path):
+    samples = [(f"p{i:02d}", H.jpeg_bytes(H.make_photo(i, (90 + 3 * i, 80))), None) for i in range(24)]
+    shards = H.write_dataset(str(tmp_path / "ds"), samples, shard_size=8)
+    cfg = cfg_for(tmp_path, "byol", batch_size=4)
+    full = list(make_loader(shards, cfg, seed=7, epoch=1))
+    resumed = list(make_loader(shards, cfg, seed=7, epoch=1, skip_batches=3))
+    assert len(full) == 6 and len(resumed) == 3
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a["global_crops"], b["global_crops"])
+    assert not torch.equal(full[3]["global_crops"], full[4]["global_crops"])
