@@ -2,8 +2,9 @@
 
 Scores (higher = more novel, "none of the classes"):
 
-- ``knn``: mean cosine distance to the ``k`` nearest labelled or
-  pseudo-labelled neighbours (the classifier's current training set);
+- ``knn``: mean cosine distance to the ``k`` nearest labelled (optionally
+  also pseudo-labelled) neighbours; with "none of these" examples, minus the
+  distance to the nearest of those;
 - ``energy``: ``-T * logsumexp(logits / T)`` of the classifier;
 - ``maxprob``: ``1 - max_y P(y | x)``.
 

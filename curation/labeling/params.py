@@ -115,7 +115,9 @@ class SelfTrainParams(Params):
     novelty: Literal["knn", "energy", "maxprob"] = Field(
         "knn", description="Novelty score: distance to the nearest labelled/pseudo-labelled samples, the "
                            "classifier's energy, or 1 - max probability.")
-    novelty_k: int = Field(1, ge=1, description="Neighbours of the knn novelty score (mean distance to the k nearest).")
+    novelty_k: int = Field(2, ge=1, description="Neighbours of the knn novelty score (mean distance to the k nearest).")
+    none_reference: bool = Field(True, description="With 'none' examples in the dev set, the knn score is the "
+                                                   "distance to the seeds minus the distance to those examples.")
     novelty_neighbours: Literal["seeds", "seeds_and_pseudo"] = Field(
         "seeds", description="Neighbours of the knn score: the labelled seeds, or also the pseudo-labels (then a "
                              "few off-class samples that slip in make their whole cluster look known).")

@@ -22,6 +22,12 @@ of it is deterministic for a seed (L-BFGS from a fixed start, seeded
 subsamples, ties by index), so a run resumed from round r's saved
 pseudo-labels (``RoundState``) ends exactly like an uninterrupted one.
 This module works on arrays; ``selftrain_stage.py`` reads and writes datasets.
+
+Everything here runs on CPU. Not built: the optional FixMatch-style
+fine-tune of the backbone's last blocks on labelled + pseudo-labelled images
+(weak/strong views through the DALI loader) -- GPU-only work that belongs
+with training (``train/``, which curation must not import); its input would
+be this stage's output dataset.
 """
 from __future__ import annotations
 
@@ -188,6 +194,16 @@ class SelfTrainer:
             pool = nov.knn_novelty(self.Cpool, R, p.novelty_k, self_index=pos)
             dev = nov.knn_novelty(self.Cdev, R, p.novelty_k) if self.Cdev is not None else None
             seeds = nov.knn_novelty(self.Cseed, R, p.novelty_k, self_index=np.arange(n_seed))
+            none = d.dev_none
+            if p.none_reference and dev is not None and none.any():
+                # Off-class samples like the user's "none" examples sit closer to those than to the seeds:
+                # subtract the distance to them (a dev "none" example is not its own neighbour).
+                N = self.Cdev[none]
+                own = np.full(len(none), -1)
+                own[none] = np.arange(len(N))
+                pool = pool - nov.knn_novelty(self.Cpool, N, p.novelty_k)
+                dev = dev - nov.knn_novelty(self.Cdev, N, p.novelty_k, self_index=own)
+                seeds = seeds - nov.knn_novelty(self.Cseed, N, p.novelty_k)
             return pool, dev, seeds
         seed_logits = model.logits(self.Xseed)
         if p.novelty == "energy":
