@@ -34,7 +34,7 @@ from webcurate.shards import storage
 from webcurate.shards.dataset import Dataset, DatasetError
 from webcurate.shards.stage import StageResult
 
-from .embedding_parts import EmbeddingSet, embedding_set, read_part
+from .embedding_parts import EmbeddingSet, embedding_set, mismatch_counts, mismatch_warning, read_part
 from .ray_tasks import map_tasks
 from .stage_params import ClusterParams, TaskResources
 
@@ -60,9 +60,9 @@ def resolve_subset(ds: Dataset, subset: str) -> str:
     return "all"
 
 
-def part_points(root: str, shard: int, dim: int, subset: str):
+def part_points(root: str, shard: int, dim: int, subset: str, part=None):
     """A part's embedded keys, their status under ``subset`` and the vectors of the ``ok`` ones."""
-    part = read_part(root, shard, dim)
+    part = part or read_part(root, shard, dim)
     keys = part.keys
     status = np.full(len(keys), STATUS_OK, dtype=object)
     if subset in (DEDUP, RETRIEVE):
@@ -155,7 +155,8 @@ def write_task(shard: int, *, root: str, dim: int, subset: str, centroids: np.nd
 
     from .kmeans import assign
 
-    keys, status, x = part_points(root, shard, dim, subset)
+    part = read_part(root, shard, dim)
+    keys, status, x = part_points(root, shard, dim, subset, part)
     ok = status == STATUS_OK
     labels = np.full((len(keys), num_levels), -1, dtype=np.int32)
     dist = np.full(len(keys), np.nan, dtype=np.float32)
@@ -174,7 +175,7 @@ def write_task(shard: int, *, root: str, dim: int, subset: str, centroids: np.nd
     Dataset(root).write_sidecar(STAGE, shard, pa.table(cols))
     return {"counts": {"total": len(keys), "clustered": int(ok.sum()),
                        "duplicate": int((status == STATUS_DUPLICATE).sum()),
-                       "not_retrieved": int((status == STATUS_NOT_RETRIEVED).sum())}}
+                       "not_retrieved": int((status == STATUS_NOT_RETRIEVED).sum()), **mismatch_counts(part)}}
 
 
 def sizes_task(shard: int, *, root: str, ks: list[int]) -> list[np.ndarray]:
@@ -271,6 +272,9 @@ def run_cluster(input: str, *, summary: bool = True, resources: TaskResources | 
     result = stage.finish(result, summary=False, levels=level_info, warnings=trained["warnings"], dim=emb.dim,
                           sampled=trained["points"], clustered_points=n_ok)
     result.warnings = list(trained["warnings"])
+    warning = mismatch_warning(result.totals, ds.root)
+    if warning:
+        result.warnings.append(warning)
     for w in result.warnings:
         print(f"warning: {w}")
     if summary:

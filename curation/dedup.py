@@ -37,7 +37,8 @@ from webcurate.shards.errors import ConfigError
 from webcurate.shards.stage import StageResult
 
 from .dedup_graph import PartPlan, knn_graph
-from .embedding_parts import EmbeddingSet, embedding_set, normalized, read_index_part, read_part
+from .embedding_parts import (EmbeddingSet, embedding_set, mismatch_counts, mismatch_warning, normalized,
+                              read_index_part, read_part)
 from .ray_tasks import map_tasks
 from .stage_params import DedupParams, TaskResources
 
@@ -196,6 +197,9 @@ def run_dedup(input: str, *, summary: bool = True, resources: TaskResources | di
     result = stage.write_parts(write_task, per_shard=per_shard, memory=mem, kwargs={
         "dim": plan.dim, "method": params.method, "against": against.vectors if against is not None else None})
     result = stage.finish(result, summary=False, **info)
+    warning = mismatch_warning(result.totals, ds.root)
+    if warning:
+        result.warnings.append(warning)
     _print(result, summary)
     return result
 
@@ -332,7 +336,8 @@ def write_task(shard: int, *, root: str, dim: int, method: str, against: np.ndar
         "reason": pa.array(reason.tolist(), pa.string()),
         "against_dataset": pa.array(dataset.tolist(), pa.string())})
     Dataset(root).write_sidecar(STAGE, shard, table)
-    counts = {"total": n, "kept": int(keep.sum()), "removed": int((~keep).sum())}
+    counts = {"total": n, "kept": int(keep.sum()), "removed": int((~keep).sum()),
+              **(mismatch_counts(part) if part is not None else {})}
     for name in REASONS:
         c = int(np.sum(reason == name))
         if c:

@@ -9,11 +9,11 @@ one line, before dedup merges the pool into one component.
 
 ``calibrate``: a fixed cosine such as DINOv2's 0.6 assumes a copy-detection
 model. Here ``samples`` pool images are embedded again as augmented copies
-(JPEG re-encode, crop, resize, colour shift); the threshold is set where only
-``FALSE_RATE`` of pool vectors have a non-copy neighbour above it (their
-nearest other vector in the sample), and the share of copies above it is
-the copy recall. Both, and the false-pair rate on random pairs, go into the
-stage record; ``dedup --threshold auto`` uses the threshold.
+(JPEG re-encode, crop, resize, colour shift); the threshold is where the
+copies separate best from each pool vector's nearest other vector (``RULE``),
+never below where 0.1 % of random pairs lie. The copy recall at it, and the
+false-pair rates (random pairs, nearest neighbours), go into the stage
+record; ``dedup --threshold auto`` uses the threshold.
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ from .ray_tasks import map_tasks
 
 HEALTH_SAMPLE = 4096
 NEAR_IDENTICAL = 0.99
-FALSE_RATE = 0.01
+RANDOM_FALSE_RATE = 0.001
 AUGMENTATIONS = ("reencode", "crop", "resize", "colour")
-# Below these the vectors do not separate images (random init: mean cosine ~0.9+; trained: ~0.1-0.5).
+# Above these the vectors do not separate images (a collapsed backbone: mean cosine ~0.9+, nearly every
+# vector near-identical to another; a trained one or a useful random-init ConvNet: ~0.1-0.5). A pool that
+# is mostly duplicates has many near-identical neighbours but a low mean cosine.
 WARN_MEAN_COSINE = 0.8
-WARN_NEAR_IDENTICAL = 0.2
+WARN_NEAR_IDENTICAL = 0.9
 
 
 def sample_vectors(root: str, shards: list[int], dim: int, n: int, seed: int = 0) -> np.ndarray:
@@ -65,7 +67,7 @@ def health_of(x: np.ndarray) -> dict[str, Any]:
     near = float((nearest_other(x) > NEAR_IDENTICAL).mean())
     out: dict[str, Any] = {"sample": m, "mean_cosine": round(mean_cos, 4), "effective_rank": round(erank, 1),
                            "dim": int(x.shape[1]), "near_identical_share": round(near, 4)}
-    if mean_cos > WARN_MEAN_COSINE or near > WARN_NEAR_IDENTICAL:
+    if mean_cos > WARN_MEAN_COSINE or near > WARN_NEAR_IDENTICAL:  # a pool of duplicates alone stays below
         out["warning"] = (f"these embeddings do not separate images (mean pairwise cosine {mean_cos:.2f}, "
                           f"{near:.0%} have a near-identical neighbour, effective rank {erank:.0f} of "
                           f"{x.shape[1]}): a random-init or collapsed backbone? dedup and retrieval on them "
@@ -165,7 +167,7 @@ def calibration_task(_: int, *, root: str, shards: list[int], spec, info, sample
     random_pairs = base @ base.T
     random_pairs = random_pairs[np.triu_indices(len(base), 1)]
     random_pairs = random_pairs[np.isfinite(random_pairs)]
-    threshold = float(min(np.quantile(negatives, 1 - FALSE_RATE), 0.999)) if len(negatives) else 0.6
+    threshold = choose_threshold(copy_sim[ok], negatives, random_pairs)
     return {"threshold": round(threshold, 4), "copy_recall": round(float((copy_sim[ok] > threshold).mean()), 4),
             "false_pair_rate": round(float((random_pairs > threshold).mean()), 5) if len(random_pairs) else None,
             "neighbour_false_rate": round(float((negatives > threshold).mean()), 4),
@@ -173,8 +175,40 @@ def calibration_task(_: int, *, root: str, shards: list[int], spec, info, sample
                                        for j, k in enumerate(AUGMENTATIONS)},
             "copy_cosine_median": round(float(np.median(copy_sim[ok])), 4) if ok.any() else None,
             "neighbour_cosine_median": round(float(np.median(negatives)), 4) if len(negatives) else None,
-            "samples": len(originals), "pool_sample": int(len(negatives)), "rule":
-            f"threshold = the {1 - FALSE_RATE:.0%} quantile of each pool vector's nearest other vector"}
+            "samples": len(originals), "pool_sample": int(len(negatives)), "rule": RULE}
+
+
+RULE = ("threshold: where (copies above it) - (pool vectors whose nearest other vector is above it) is largest "
+        f"(middle of the best range), and at least where {RANDOM_FALSE_RATE:.1%} of the random pairs less similar "
+        "than copies lie above it")
+
+
+def _above(sorted_values: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return 1.0 - np.searchsorted(sorted_values, t, side="right") / max(len(sorted_values), 1)
+
+
+def choose_threshold(copies: np.ndarray, neighbours: np.ndarray, random_pairs: np.ndarray) -> float:
+    """The cosine that best separates augmented copies from pool neighbours (see ``RULE``).
+
+    Pool neighbours include the pool's own duplicates, which sit with the copies:
+    they lower every threshold's score alike, so the best range still lies
+    between the copies and the true neighbours. Random pairs are rarely
+    duplicates: their quantile keeps the threshold above unrelated images.
+    """
+    if not len(copies) or not len(neighbours):
+        return 0.6
+    c, n = np.sort(copies), np.sort(neighbours)
+    grid = np.unique(np.concatenate([c, n]))
+    score = _above(c, grid) - _above(n, grid)
+    best = np.flatnonzero(score >= score.max() - 1e-9)
+    run = best[: np.argmax(np.diff(np.r_[best, best[-1] + 2]) > 1) + 1]  # the first range of best scores
+    lo = grid[run[0]]
+    hi = grid[run[-1] + 1] if run[-1] + 1 < len(grid) else grid[run[-1]]
+    t = (lo + hi) / 2
+    unrelated = random_pairs[random_pairs < hi]  # pairs as close as copies are the pool's own duplicates
+    if len(unrelated):
+        t = max(t, float(np.quantile(unrelated, 1 - RANDOM_FALSE_RATE)))
+    return float(min(t, 0.999))
 
 
 def calibrate(root: str, shards: list[int], spec, info, samples: int, health_info: dict | None = None,

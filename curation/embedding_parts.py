@@ -120,6 +120,21 @@ def normalized(stored: np.ndarray) -> np.ndarray:
     return x
 
 
+def mismatch_counts(part: "Part") -> dict[str, int]:
+    """The part's embeddings left out for not matching the index or being degenerate (stage counts)."""
+    out = {"embeddings_unknown_key": part.unknown, "embeddings_degenerate": part.degenerate}
+    return {k: v for k, v in out.items() if v}
+
+
+def mismatch_warning(totals: dict[str, int], root: str) -> str | None:
+    """One line for a stage summary when embeddings were left out for keys the index does not list."""
+    n = int(totals.get("embeddings_unknown_key", 0))
+    if not n:
+        return None
+    return (f"{n} embeddings of {root} carry keys its index does not list as ok; they were left out (re-embed "
+            "the dataset if its shards changed after `webcurate embed`)")
+
+
 def degenerate_rows(x: np.ndarray) -> np.ndarray:
     """(n,) bool: rows that are all zero or constant across dimensions (no information)."""
     if x.shape[0] == 0:

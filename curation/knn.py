@@ -177,6 +177,8 @@ def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, kk: int) -> tuple[n
     start = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
     rank = np.arange(len(q)) - np.repeat(start, np.diff(np.r_[start, len(q)]))
     keep = (rank < kk) & (q != d)
+    if not keep.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     a, b, s = np.minimum(q[keep], d[keep]), np.maximum(q[keep], d[keep]), s[keep]
     order = np.lexsort((b, a))
     a, b, s = a[order], b[order], s[order]

@@ -30,7 +30,8 @@ import numpy as np
 from webcurate.shards.errors import ConfigError
 from webcurate.shards.stage import StageResult
 
-from .embedding_parts import EmbeddingError, check_compatible, embedding_set, read_part
+from .embedding_parts import (EmbeddingError, check_compatible, embedding_set, mismatch_counts, mismatch_warning,
+                              read_part)
 from .ray_tasks import map_tasks
 from .stage_params import RetrieveParams, TaskResources
 
@@ -195,7 +196,7 @@ def write_task(shard: int, *, root: str, dim: int, seed_keys: list, seed_roots: 
                       "seed_dataset": pa.array(seed_ds.tolist(), pa.string()),
                       "mode": pa.array(mode.tolist(), pa.string())})
     Dataset(root).write_sidecar(STAGE, shard, table)
-    return {"counts": {"total": n, "selected": int(sel.sum())}}
+    return {"counts": {"total": n, "selected": int(sel.sum()), **mismatch_counts(part)}}
 
 
 def _seed_vectors(pool, roots: list[str]) -> tuple[np.ndarray, list[str], list[str], list]:
@@ -294,6 +295,9 @@ def run_retrieve(input: str, seeds: list[str] | None = None, *, summary: bool = 
     info["pool_searched"] = int(pool_n)
     result = stage.finish(result, summary=False, **info, **per_seed)
     result.message = message
+    warning = mismatch_warning(result.totals, ds.root)
+    if warning:
+        result.warnings.append(warning)
     if summary:
         print_stage_table(result, f"retrieve ({params.mode}): {ds.root}",
                           [(k, v) for k, v in {**info, **per_seed}.items()])
