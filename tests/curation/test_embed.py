@@ -188,25 +188,47 @@ def test_embed_reads_an_s3_dataset_with_s3_weights(s3_bucket, ray_local, search_
     assert res.totals["selected"] == 5 and Dataset(root).sidecar_completed("retrieve") == [0, 1, 2]
 
 
-def test_checkpoint_export_of_our_training_loads_with_its_own_architecture_and_size(tmp_path):
+def test_a_training_export_loads_through_the_backbone_contract_with_its_own_architecture_and_size(tmp_path):
     import timm
     import torch
 
     from webcurate.curation.embedding_models import BackboneSpec, build_backbone, file_sha256
-    from webcurate.train.export import backbone_metadata, save_safetensors
+    from webcurate.shards.backbone_format import BACKBONE_FILE, BackboneMeta, write_backbone
 
     kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 0}
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
-    path = save_safetensors({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "b.safetensors"),
-                            backbone_metadata("vit_tiny_patch16_224", kwargs))
-    # --model names something else and --image-size is the CLI default: the checkpoint's own win.
-    model, info = build_backbone(BackboneSpec("convnext_atto", checkpoint=path, image_size=224))
-    assert (info.model, info.dim, info.image_size, info.source) == ("vit_tiny_patch16_224", 64, 32, "checkpoint")
-    assert info.weights_sha256 == file_sha256(path) and "trained at 32px" in info.notes[0]
+    run = tmp_path / "run"  # what `webcurate train --output run` leaves behind
+    path = write_backbone(vit.state_dict(), BackboneMeta("vit_tiny_patch16_224", kwargs, 32), str(run / BACKBONE_FILE))
+    # --model names something else and --image-size is the CLI default: the export's own win; the
+    # run folder resolves to its backbone.safetensors.
+    for given in (path, str(run)):
+        model, info = build_backbone(BackboneSpec("convnext_atto", checkpoint=given, image_size=224))
+        assert (info.model, info.dim, info.image_size, info.source) == ("vit_tiny_patch16_224", 64, 32, "checkpoint")
+        assert info.weights_sha256 == file_sha256(path) and "trained at 32px" in info.notes[0]
     x = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), vit.eval()(x))
+
+
+def test_a_small_image_convnet_export_and_a_folder_without_export(tmp_path):
+    import timm
+    import torch
+
+    from webcurate.curation.embedding_models import BackboneSpec, build_backbone
+    from webcurate.shards.backbone_format import BackboneMeta, apply_small_image_stem, write_backbone
+
+    torch.manual_seed(1)
+    net = apply_small_image_stem(timm.create_model("resnet18", pretrained=False, num_classes=0))
+    meta = BackboneMeta("resnet18", {"num_classes": 0}, 32, stem="small_image")
+    path = write_backbone(net.state_dict(), meta, str(tmp_path / "b.safetensors"))
+    model, info = build_backbone(BackboneSpec("resnet18", checkpoint=path, image_size=32))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), net.eval()(x))
+    (tmp_path / "checkpoint_000010").mkdir()
+    with pytest.raises(ConfigError, match="holds no backbone.safetensors.*--output folder"):
+        build_backbone(BackboneSpec("resnet18", checkpoint=str(tmp_path / "checkpoint_000010"), image_size=32))
 
 
 def _add_shard_without_images(root: str) -> None:
