@@ -15,8 +15,9 @@ What it does:
 Times are whole commands as a user runs them (start-up included: Ray for us,
 the process pool for img2dataset). Use ``--repeat 2`` to alternate the order.
 
-    .venv/bin/python bench/ingest_vs_img2dataset.py            # 3000 photos
-    .venv/bin/python bench/ingest_vs_img2dataset.py --quick    # 600 photos
+    .venv/bin/python bench/ingest_vs_img2dataset.py                       # 3000 photos
+    .venv/bin/python bench/ingest_vs_img2dataset.py --n 12000 --warm-ray  # + a reused Ray cluster
+    .venv/bin/python bench/ingest_vs_img2dataset.py --quick               # 600 photos
 """
 from __future__ import annotations
 
@@ -154,7 +155,55 @@ def run_img2dataset(exe: str, url_list: str, out: str, shard_size: int, log: str
     return {"seconds": seconds, "cpu_seconds": cpu, "ok": ok, "tar_bytes": size, "command": " ".join(cmd[1:])}
 
 
-def run_webcurate(input_uri: str, out: str, shard_size: int, log: str) -> dict:
+class WarmCluster:
+    """A local Ray head left running for several commands (``ray start --head --block`` in its own
+    session, so its raylet and workers are its descendants and their CPU can be counted)."""
+
+    def __init__(self, num_cpus: int = 2):
+        import socket
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        self.tmp = os.path.join(WORK, f"ray-{self.port}")
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={self.port}",
+                                      f"--num-cpus={num_cpus}", "--include-dashboard=false",
+                                      "--node-ip-address=127.0.0.1", f"--temp-dir={self.tmp}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.address = f"127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until a driver can join
+            ok = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{self.address}'); ray.shutdown()"],
+                                capture_output=True).returncode == 0
+            if ok:
+                return
+            time.sleep(1)
+        self.stop()
+        raise SystemExit("warm Ray cluster did not start")
+
+    def cpu(self) -> float:
+        seen: dict[int, float] = {}
+        _tree_cpu(self.proc.pid, seen)
+        return sum(seen.values())
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run_webcurate(input_uri: str, out: str, shard_size: int, log: str, cluster: WarmCluster | None = None) -> dict:
+    """One `webcurate shard` command; with ``cluster`` it joins that running Ray (``RAY_ADDRESS``)
+    and the cluster's CPU during the command is counted with the command's own."""
     shutil.rmtree(out, ignore_errors=True)
     exe = os.path.join(os.path.dirname(sys.executable), "webcurate")
     cmd = [exe, "shard", "--input", input_uri, "--output", out, "--workers", "2", "--threads", "16",
@@ -163,7 +212,12 @@ def run_webcurate(input_uri: str, out: str, shard_size: int, log: str) -> dict:
         cmd.append("--allow-private-addresses")  # the photos are served from 127.0.0.1
     env = dict(os.environ, WEBCURATE_QUIET="1")
     env.pop("RAY_ADDRESS", None)
+    if cluster is not None:
+        env["RAY_ADDRESS"] = cluster.address
+        before = cluster.cpu()
     seconds, cpu = run_timed(cmd, env, log)
+    if cluster is not None:
+        cpu += cluster.cpu() - before
     with open(os.path.join(out, "_manifest.json")) as f:
         counts = json.load(f)["counts"]
     size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "shards", "*.tar")))
@@ -177,8 +231,8 @@ def run_webcurate(input_uri: str, out: str, shard_size: int, log: str) -> dict:
                 except ValueError:
                     pass
     return {"seconds": seconds, "cpu_seconds": cpu, "ok": int(counts.get("ok", 0)), "tar_bytes": size,
-            "stage_seconds": stage_seconds,
-            "command": "webcurate " + " ".join(cmd[1:])}
+            "stage_seconds": stage_seconds, "ray": "warm cluster" if cluster else "started by the command",
+            "command": ("RAY_ADDRESS=... " if cluster else "") + "webcurate " + " ".join(cmd[1:])}
 
 
 def main() -> None:
@@ -189,6 +243,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating which goes first")
     ap.add_argument("--skip-img2dataset", action="store_true")
     ap.add_argument("--skip-folder", action="store_true", help="skip the local-folder ingest timing")
+    ap.add_argument("--warm-ray", action="store_true",
+                    help="also run webcurate against a Ray cluster started once beforehand (RAY_ADDRESS), "
+                         "counting the cluster's CPU during the command")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     n = 600 if args.quick else args.n
@@ -210,7 +267,9 @@ def main() -> None:
 
     i2d = None if args.skip_img2dataset else ensure_img2dataset()
     server, base = start_server(photos)
-    results: dict[str, list[dict]] = {"img2dataset": [], "webcurate": [], "webcurate_folder": []}
+    results: dict[str, list[dict]] = {"img2dataset": [], "webcurate": [], "webcurate_folder": [],
+                                      "webcurate_warm": []}
+    cluster = WarmCluster() if args.warm_ray else None
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -220,6 +279,8 @@ def main() -> None:
                                  "caption": [f"photo {i}" for i in range(n)]}), url_list)
         for rep in range(args.repeat):
             order = ["webcurate", "img2dataset"] if rep % 2 == 0 else ["img2dataset", "webcurate"]
+            if cluster is not None:
+                order.insert(1, "webcurate_warm")
             for tool in order:
                 if tool == "img2dataset" and i2d:
                     r = run_img2dataset(i2d, url_list, os.path.join(run_dir, "out-img2dataset"), args.shard_size,
@@ -227,6 +288,9 @@ def main() -> None:
                 elif tool == "webcurate":
                     r = run_webcurate(url_list, os.path.join(run_dir, "out-webcurate"), args.shard_size,
                                       os.path.join(run_dir, f"webcurate-{rep}.log"))
+                elif tool == "webcurate_warm":
+                    r = run_webcurate(url_list, os.path.join(run_dir, "out-webcurate-warm"), args.shard_size,
+                                      os.path.join(run_dir, f"webcurate-warm-{rep}.log"), cluster=cluster)
                 else:
                     continue
                 results[tool].append(r)
@@ -241,6 +305,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
+        if cluster is not None:
+            cluster.stop()
 
     def best(tool: str) -> dict | None:
         runs = results[tool]
@@ -253,14 +319,22 @@ def main() -> None:
     rows = [("img2dataset " + (pkg_version(os.path.join(I2D_VENV, 'bin', 'python'), 'img2dataset') if i2d else ''),
              best("img2dataset")),
             ("webcurate shard (URLs)", best("webcurate")),
+            ("webcurate shard (URLs, warm Ray)", best("webcurate_warm")),
             ("webcurate shard (folder)", best("webcurate_folder"))]
     for name, r in rows:
         if r:
             print(f"{name:28s} {r['ok']:6d} {r['seconds']:8.1f} {r['ok'] / r['seconds']:8.1f} "
                   f"{1000 * r['cpu_seconds'] / max(r['ok'], 1):11.1f} {r['tar_bytes'] / 1e6:8.1f}")
     w, i = best("webcurate"), best("img2dataset")
-    if w and w.get("stage_seconds"):
-        print(f"webcurate shard tasks alone (no Ray start-up): {w['ok'] / w['stage_seconds']:.1f} img/s")
+    for label, r in (("", w), (" (warm Ray)", best("webcurate_warm"))):
+        if r and r.get("stage_seconds"):
+            print(f"webcurate shard task rate{label} (shard tasks alone, no Ray start-up): "
+                  f"{r['ok'] / r['stage_seconds']:.1f} img/s")
+    ww = best("webcurate_warm")
+    if ww and i:
+        print(f"ratio webcurate (warm Ray) / img2dataset (URLs, wall clock): "
+              f"{(ww['ok'] / ww['seconds']) / (i['ok'] / i['seconds']):.2f}x; CPU per image img2dataset / webcurate: "
+              f"{(i['cpu_seconds'] / i['ok']) / (ww['cpu_seconds'] / ww['ok']):.2f}x")
     if w and i:
         print(f"ratio webcurate / img2dataset (URLs, wall clock): {(w['ok'] / w['seconds']) / (i['ok'] / i['seconds']):.2f}x")
         print(f"ratio img2dataset / webcurate CPU per image (whole process trees): "
