@@ -61,8 +61,8 @@ class TaskResources(Params):
     @classmethod
     def _bytes(cls, v: Any) -> int:
         n = parse_bytes(v)
-        if n < 64 << 20:
-            raise ValueError(f"must be at least 64MiB, got {v!r}")
+        if n < 16 << 20:
+            raise ValueError(f"must be at least 16MiB, got {v!r}")
         return n
 
 
