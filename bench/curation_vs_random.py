@@ -62,18 +62,18 @@ def sh(args: list[str], logfile: str) -> float:
     return time.time() - t0
 
 
-def train(data: str, out: str, a: argparse.Namespace) -> dict:
+def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None) -> dict:
     """Train a backbone on ``data`` with the shared recipe and budget (reused when already exported)."""
     stamp = os.path.join(out, "bench_train.json")
     if os.path.exists(stamp):
         return json.load(open(stamp))
     shutil.rmtree(out, ignore_errors=True)
-    budget = ["--time-budget", a.time_budget] if a.time_budget else ["--max-steps", str(a.steps)]
+    budget = ["--time-budget", a.time_budget] if a.time_budget else ["--max-steps", str(steps or a.steps)]
     recipe = [] if a.recipe == "cpu-default" else ["--config", a.train_config, *RECIPE]
     load0 = os.getloadavg()[0]
     secs = sh([WEBCURATE, "train", "--data", data, "--output", out, *recipe, *budget, *a.override],
               os.path.join(a.workdir, "train.log"))
-    info = {"seconds": round(secs, 1), "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1),
+    info = {"seconds": round(secs, 1), "steps": steps or a.steps, "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1),
             "backbone": os.path.join(out, "backbone.safetensors")}
     json.dump(info, open(stamp, "w"))
     return info
@@ -208,6 +208,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--n", type=int, default=None, help="images per subset [3000; 500 with --small]")
     ap.add_argument("--steps", type=int, default=None, help="training steps of every backbone [600; 60 small]")
+    ap.add_argument("--pool-steps", type=int, default=None,
+                    help="training steps of the curation backbone (on the whole pool) [--steps]")
     ap.add_argument("--time-budget", default=None, help="train each backbone for this long instead (e.g. 5m)")
     ap.add_argument("--recipe", choices=["dino-vit", "cpu-default"], default="dino-vit",
                     help="dino-vit: --train-config with run 2's settings of bench/results/train.md; cpu-default: "
@@ -240,8 +242,8 @@ def main() -> None:
     paths = web_pool.build(CIFAR, os.path.join(a.workdir, "data"), spec)
     pool_mix = web_pool.mix(paths["pool"], spec.targets)
     log(f"pool: {pool_mix}")
-    log(f"training the curation backbone on the whole pool ({a.time_budget or f'{a.steps} steps'})")
-    pool_bb = train(paths["pool"], os.path.join(a.workdir, "backbone_pool"), a)
+    log(f"training the curation backbone on the whole pool ({a.time_budget or f'{a.pool_steps or a.steps} steps'})")
+    pool_bb = train(paths["pool"], os.path.join(a.workdir, "backbone_pool"), a, a.pool_steps)
     base = os.path.join(a.workdir, "pool_embedded")
     if not os.path.exists(os.path.join(base, "embedded")):
         shutil.rmtree(base, ignore_errors=True)
