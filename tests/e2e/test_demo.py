@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,11 @@ def test_demo_runs_the_whole_flow_and_says_where_the_outputs_are(tmp_path):
     assert curation_page.count("<img") >= 10 and 'id="sec-labelling-functions"' in curation_page
     label_page = (work / "data" / "labelled" / "report.html").read_text()
     assert 'id="sec-pseudo-labels"' in label_page and "LF analysis of this run" in label_page
+    # Self-training leaves the distractor banners unlabelled and keeps the photos of the classes.
+    line = re.search(r"selftrain: distractors left unlabelled (\d+)/(\d+), photos of the classes labelled (\d+)/(\d+)",
+                     proc.stdout)
+    assert line, out[-3000:]
+    rejected, distractors, covered, photos = map(int, line.groups())
+    assert distractors >= 5 and rejected / distractors >= 0.9 and covered / photos >= 0.9, line.group(0)
+    st_page = (work / "data" / "selftrained" / "report.html").read_text()
+    assert "Self-training rounds" in st_page and "rejected as none of the classes" in st_page
