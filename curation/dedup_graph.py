@@ -29,7 +29,7 @@ import numpy as np
 
 from . import knn
 from .embedding_parts import Part, normalized, read_part
-from .ray_tasks import map_tasks
+from .ray_tasks import map_tasks, waves
 
 
 @dataclass
@@ -101,9 +101,9 @@ def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, nprob
     return np.bincount(pi[:, 0], minlength=centroids.shape[0]), (gid, pi, pd)
 
 
-def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: int, offset: int,
+def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: list[int], offset: int,
               exclude: np.ndarray) -> tuple:
-    """One part split by group: per group, its database rows and the rows probing its cells."""
+    """One part split by the groups of one wave: per group, its database rows and the rows probing its cells."""
     import ray
 
     _, gid, x = load(root, shard, dim, offset, exclude, stored=True)
@@ -111,13 +111,13 @@ def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray,
     assert np.array_equal(gid, gid_p), "parts changed between two passes"
     probe_groups = cell_group[pi]
     out = []
-    for g in range(groups):
+    for g in groups:
         is_db = probe_groups[:, 0] == g
         is_q = (probe_groups == g).any(axis=1)
         sel = is_db | is_q
         out.append({"gid": gid[sel], "x": x[sel], "is_db": is_db[sel], "is_q": is_q[sel],
                     "pi": pi[sel], "pd": pd[sel]})
-    return tuple(out) if groups > 1 else out[0]
+    return tuple(out) if len(groups) > 1 else out[0]
 
 
 def group_task(group: int, *, buckets: list, centroids: np.ndarray, kk: int, threshold: float,
@@ -217,20 +217,23 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
         # Queries visit ~2-3 groups when nearby cells share one: budget for 3x the database rows.
         groups = max(1, math.ceil(3 * live / budget_rows))
         cell_group = knn.group_cells(centroids, sizes, groups, seed)
-        emitted = map_tasks(emit_task, plan.shards,
-                            kwargs={**common, "cell_group": cell_group, "groups": groups},
-                            per_item={s: {**per_part[s], "probe": assigned[s][1]} for s in plan.shards},
-                            desc="split by cell", memory=memory, num_returns=groups, keep_refs=True)
+        plan_waves = waves(groups, 3 * live * plan.dim * 2)  # float16 rows, ~3 copies over the groups
+        for wave in plan_waves:
+            emitted = map_tasks(emit_task, plan.shards,
+                                kwargs={**common, "cell_group": cell_group, "groups": wave},
+                                per_item={s: {**per_part[s], "probe": assigned[s][1]} for s in plan.shards},
+                                desc="split by cell", memory=memory, num_returns=len(wave), keep_refs=True)
+            per_group = {g: {"buckets": [emitted[s][j] if len(wave) > 1 else emitted[s] for s in plan.shards]}
+                         for j, g in enumerate(wave)}
+            del emitted
+            map_tasks(group_task, wave, kwargs={"centroids": centroids, "kk": kk, "threshold": threshold,
+                                                "gpu": gpu},
+                      per_item=per_group, desc="ivf knn", memory=memory, gpus=gpus,
+                      on_result=lambda _, r: results.append(r))
+            del per_group
         del assigned
-        per_group = {g: {"buckets": [emitted[s][g] if groups > 1 else emitted[s] for s in plan.shards]}
-                     for g in range(groups)}
-        del emitted
-        map_tasks(group_task, range(groups), kwargs={"centroids": centroids, "kk": kk, "threshold": threshold,
-                                                     "gpu": gpu},
-                  per_item=per_group, desc="ivf knn", memory=memory, gpus=gpus,
-                  on_result=lambda _, r: results.append(r))
         info = {"index": "ivf", "nlist": int(centroids.shape[0]), "nprobe": choice.nprobe, "groups": groups,
-                "largest_cell": int(sizes.max()) if len(sizes) else 0}
+                "waves": len(plan_waves), "largest_cell": int(sizes.max()) if len(sizes) else 0}
     q = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
     d = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
     s = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.float32)

@@ -15,6 +15,7 @@ memory hint; nothing was recorded yet, so a re-run redoes the phase.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Hashable, Iterable
 
@@ -144,6 +145,20 @@ def map_tasks(
         raise TaskError(f"{len(failed)} {desc} task(s) failed after retries; nothing of this step was recorded, "
                         f"re-run the command to redo it:\n{lines}\n{hint}")
     return out
+
+
+def waves(groups: int, volume_bytes: float, store_share: float = 0.3) -> list[list[int]]:
+    """Groups split into waves whose shuffled data fits ``store_share`` of Ray's object store.
+
+    A wave's parts are split by group, searched and released before the next
+    wave starts, so the object store never holds more than one wave.
+    """
+    import ray
+
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0)) or 1e30
+    n = max(1, min(groups, math.ceil(volume_bytes / (store_share * store))))
+    per = math.ceil(groups / n)
+    return [list(range(g, min(groups, g + per))) for g in range(0, groups, per)]
 
 
 def get(refs: Any) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 from .dedup_graph import PartPlan, load, sample_task
 from .embedding_parts import normalized
 from .exact_dedup import rank_of
-from .ray_tasks import map_tasks
+from .ray_tasks import map_tasks, waves
 
 KMEANS_MAX_POINTS_PER_CENTROID = 256
 
@@ -120,9 +120,9 @@ def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, offse
     return np.bincount(a, minlength=centroids.shape[0]), a
 
 
-def emit_task(shard: int, *, root: str, dim: int, assigned, cluster_group: np.ndarray, groups: int,
+def emit_task(shard: int, *, root: str, dim: int, assigned, cluster_group: np.ndarray, groups: list[int],
               policy: str, offset: int, exclude: np.ndarray) -> tuple:
-    """One part split by cluster group: gid, vector (float16), cluster and keep-policy fields."""
+    """One part split by the cluster groups of one wave: gid, stored vector, cluster and keep-policy fields."""
     import ray
 
     part, gid, x = load(root, shard, dim, offset, exclude, stored=True)
@@ -131,11 +131,11 @@ def emit_task(shard: int, *, root: str, dim: int, assigned, cluster_group: np.nd
     rows = part.rows[keep]
     keys = np.array(part.index.keys, dtype=object)[rows]
     out = []
-    for g in range(groups):
+    for g in groups:
         sel = cluster_group[a] == g
         out.append({"gid": gid[sel], "x": x[sel], "cluster": a[sel], "key": keys[sel].tolist(),
                     "pixels": part.index.pixels[rows][sel], "nbytes": part.index.nbytes[rows][sel]})
-    return tuple(out) if groups > 1 else out[0]
+    return tuple(out) if len(groups) > 1 else out[0]
 
 
 def group_task(group: int, *, buckets: list, eps: float, policy: str) -> tuple:
@@ -190,17 +190,19 @@ def semdedup_tasks(plan: PartPlan, *, eps: float, n_clusters: int | None, seed: 
     sizes = sum(ray.get(assigned[s][0]) for s in plan.shards)
     cluster_group = _pack(np.asarray(sizes), budget_rows)
     groups = int(cluster_group.max()) + 1 if len(cluster_group) else 1
-    emitted = map_tasks(emit_task, plan.shards, kwargs={**common, "cluster_group": cluster_group, "groups": groups,
-                                                        "policy": policy},
-                        per_item={s: {**per_part[s], "assigned": assigned[s][1]} for s in plan.shards},
-                        desc="split by cluster", memory=memory, num_returns=groups, keep_refs=True)
-    del assigned
-    per_group = {g: {"buckets": [emitted[s][g] if groups > 1 else emitted[s] for s in plan.shards]}
-                 for g in range(groups)}
-    del emitted
     found: list[tuple] = []
-    map_tasks(group_task, range(groups), kwargs={"eps": eps, "policy": policy}, per_item=per_group,
-              desc="semdedup", memory=memory, on_result=lambda _, r: found.append(r))
+    for wave in waves(groups, live * plan.dim * 4):
+        emitted = map_tasks(emit_task, plan.shards, kwargs={**common, "cluster_group": cluster_group,
+                                                            "groups": wave, "policy": policy},
+                            per_item={s: {**per_part[s], "assigned": assigned[s][1]} for s in plan.shards},
+                            desc="split by cluster", memory=memory, num_returns=len(wave), keep_refs=True)
+        per_group = {g: {"buckets": [emitted[s][j] if len(wave) > 1 else emitted[s] for s in plan.shards]}
+                     for j, g in enumerate(wave)}
+        del emitted
+        map_tasks(group_task, wave, kwargs={"eps": eps, "policy": policy}, per_item=per_group,
+                  desc="semdedup", memory=memory, on_result=lambda _, r: found.append(r))
+        del per_group
+    del assigned
     out = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]),
            [k for f in found for k in f[2]], np.concatenate([f[3] for f in found]))
     return out, {"clusters": int(centroids.shape[0]), "groups": groups}
