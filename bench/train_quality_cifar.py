@@ -1,16 +1,25 @@
-"""Quality for a fixed CPU budget: DINOv2-recipe pretraining of a tiny ViT on CIFAR-10, then k-NN.
+"""Quality for a fixed CPU budget: every SSL method trained on CIFAR-10 for the same wall-clock time, then k-NN.
 
 1. CIFAR-10 (../shared/data/cifar10.tar.gz) is extracted and sharded with
    ``webcurate.shards.ingest.ingest_folder`` (train: 50k, test: 10k), cached in bench/_work.
-2. ``webcurate.train.loop.train`` pretrains docs/examples/train_cifar_tiny.yaml on the train
-   split WITHOUT labels for about ``--budget-min`` minutes of training: a short calibration
-   measures seconds per step, and the schedules (lr/wd/momentum/teacher temp, in epochs)
-   are sized to the number of steps that fit, so warm-ups and decays complete in the run.
-3. k-NN (k=20, T=0.07, cosine; ``webcurate.train.evaluate.knn_eval``) on the test split,
-   using CLS features of: the trained teacher backbone, the same backbone at its random
-   initialisation (the very weights training started from), and raw pixels.
+2. Each method is pretrained on the train split WITHOUT labels by ``webcurate.train.driver.train``
+   with ``run.time_budget`` = ``--budget-min`` (default 15 minutes of wall clock, startup
+   and export included): the run measures its s/step, sizes every schedule to the steps
+   that fit, stops on time and exports. The recipe of method M is
+   docs/examples/train_cpu_<M>.yaml when it exists, else ``BASE`` + ``METHOD_OVERRIDES[M]``
+   (ConvNets: a narrow ResNet-18 with the small-image stem at 32 px; ViT-only methods: a
+   patch-4 ViT at 32 px).
+3. k-NN (k=20, T=0.07, cosine; ``webcurate.train.evaluate.knn_eval``) and a linear probe
+   (``linear_probe``: L-BFGS logistic regression on standardised frozen features) on the
+   test split, with the features ``webcurate eval`` uses (resize 37, centre crop 32,
+   ImageNet normalisation); beside them raw pixels (the same normalised 32 px crops,
+   flattened) and the random initialisation of each backbone family.
 
-    .venv/bin/python bench/train_quality_cifar.py [--budget-min 10] [--quick] [section.key=value ...]
+Every method runs in one invocation; results go to <workdir>/quality-<time>.json and a
+markdown table is printed (bench/results/train.md keeps the recorded ones).
+
+    .venv/bin/python bench/train_quality_cifar.py [--methods simclr,byol] [--budget-min 15] [--quick]
+        [--probe] [section.key=value ...]
 """
 from __future__ import annotations
 
@@ -27,17 +36,52 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10.tar.gz")
+EXAMPLES = os.path.join(ROOT, "docs", "examples")
+ALL = ["simclr", "byol", "moco_v2", "moco_v3", "simsiam", "vicreg", "barlow_twins", "swav", "dino", "dinov2", "ibot",
+       "mae"]
+
+# The shared CPU recipe: a narrow ResNet-18 (32-64-128-256) with the small-image stem on 32 px views.
+RESNET = ["model.name=resnet18", "model.stem=small_image", "model.drop_path_rate=0",
+          "model.timm_kwargs={channels: [32, 64, 128, 256], stem_width: 32}"]
+VIT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.embed_dim=96", "model.depth=4",
+       "model.num_heads=3", "model.drop_path_rate=0", "model.layerscale=null"]
+BASE = ["loader.global_size=32", "loader.local_size=16", "loader.batch_size=256", "loader.num_threads=1",
+        "optim.name=sgd", "optim.base_lr=0.06", "optim.scaling_rule=linear_wrt_256", "optim.min_lr=0",
+        "optim.weight_decay=5e-4", "optim.weight_decay_end=5e-4", "optim.epochs=20", "optim.warmup_epochs=1",
+        "optim.clip_grad=0", "head.proj_hidden_dim=512", "head.proj_dim=128", "head.pred_hidden_dim=512",
+        "run.log_every=25", "run.report_every=200", "run.checkpoint_every=100000"]
+METHOD_OVERRIDES = {
+    "simclr": RESNET + ["simclr.temperature=0.2"],
+    "byol": RESNET,
+    "moco_v2": RESNET + ["moco.temperature=0.1", "moco.queue_size=4096"],
+    "moco_v3": RESNET + ["head.proj_layers=3"],
+    "simsiam": RESNET + ["head.proj_layers=3"],
+    "vicreg": RESNET + ["head.proj_layers=3", "head.proj_dim=512", "optim.base_lr=0.03"],
+    "barlow_twins": RESNET + ["head.proj_layers=3", "head.proj_dim=512", "barlow_twins.lambda_offdiag=0.005"],
+    "swav": RESNET + ["loader.n_local=2", "swav.n_prototypes=100", "optim.freeze_last_layer_epochs=0.5"],
+    "dino": RESNET + ["dino.n_prototypes=1024", "dino.hidden_dim=512", "dino.bottleneck_dim=128",
+                      "teacher.warmup_temp_epochs=2", "teacher.temp=0.05", "optim.freeze_last_layer_epochs=0.2",
+                      "loader.n_local=2"],
+    "dinov2": VIT + ["dino.n_prototypes=1024", "dino.hidden_dim=512", "dino.bottleneck_dim=128",
+                     "teacher.warmup_temp_epochs=2", "teacher.temp=0.05", "optim.freeze_last_layer_epochs=0.2",
+                     "loader.n_local=2", "optim.name=adamw", "optim.base_lr=0.002", "optim.scaling_rule=sqrt_wrt_1024",
+                     "optim.weight_decay=0.04", "optim.weight_decay_end=0.1", "optim.clip_grad=3.0",
+                     "loader.batch_size=128"],
+    "mae": VIT + ["optim.name=adamw", "optim.base_lr=1.5e-4", "optim.weight_decay=0.05",
+                  "optim.weight_decay_end=0.05", "mae.decoder_dim=64", "mae.decoder_heads=2"],
+}
+METHOD_OVERRIDES["ibot"] = list(METHOD_OVERRIDES["dinov2"])
 
 
 def extract(workdir: str) -> str:
     dst = os.path.join(workdir, "cifar10")
-    if os.path.isdir(os.path.join(dst, "test")) and os.path.isdir(os.path.join(dst, "train")):
-        return dst
+    for dirpath, dirnames, _ in os.walk(dst) if os.path.isdir(dst) else []:
+        if "train" in dirnames and "test" in dirnames:
+            return dirpath
     os.makedirs(dst, exist_ok=True)
     with tarfile.open(CIFAR) as tf:
         tf.extractall(dst, filter="data")
-    # The archive may hold a top folder: find the one with train/ and test/.
-    for dirpath, dirnames, _ in os.walk(dst):
+    for dirpath, dirnames, _ in os.walk(dst):  # the archive may hold a top folder
         if "train" in dirnames and "test" in dirnames:
             return dirpath
     raise SystemExit(f"{CIFAR} has no train/ and test/ folders")
@@ -63,48 +107,6 @@ def shard(src: str, dst: str) -> str:
     return dst
 
 
-def seconds_per_step(cfg, threads: int) -> float:
-    """Median wall time of a TrainStep at the config's shapes (compute only)."""
-    from webcurate.train.loop import build_models
-    from webcurate.train.optim import build_optimizer, param_groups
-    from webcurate.train.schedules import Schedules
-    from webcurate.train.step import TrainStep
-
-    sys.path.insert(0, HERE)
-    from train_step_overhead import make_batch
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    s, t, dl, il = build_models(cfg, torch.device("cpu"))
-    opt = build_optimizer(param_groups(s.submodules(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult))
-    step = TrainStep(cfg, s, s, t, opt, dl, il, torch.device("cpu"))
-    sched = Schedules.from_config(cfg, 100)
-    batch = make_batch(cfg, 0)
-    times = []
-    for i in range(6):
-        t0 = time.perf_counter()
-        step(batch, sched.at(10 + i))
-        times.append(time.perf_counter() - t0)
-    return sorted(times[2:])[len(times[2:]) // 2]
-
-
-def features(dataset: str, model: nn.Module, desc: str):
-    from webcurate.train.evaluate import encode_labels, extract_features  # noqa: F401
-
-    _, f, labels = extract_features(dataset, model, image_size=32, batch_size=256, device="cpu",
-                                    num_threads=2, desc=desc)
-    return f, labels
-
-
-def knn(model: nn.Module, train_ds: str, test_ds: str, name: str) -> float:
-    from webcurate.train.evaluate import encode_labels, knn_eval
-
-    ftr, ltr = features(train_ds, model, f"{name}: train")
-    fte, lte = features(test_ds, model, f"{name}: test")
-    ytr, yte, classes = encode_labels(ltr, lte)
-    return knn_eval(ftr, ytr, fte, yte, k=20, T=0.07, num_classes=len(classes))
-
-
 class RawPixels(nn.Module):
     """(B, 3, 32, 32) normalised images -> (B, 3072) features."""
 
@@ -114,92 +116,152 @@ class RawPixels(nn.Module):
         return x.flatten(1)
 
 
+class Features:
+    """Train/test features of a backbone and the two evaluations on them."""
+
+    def __init__(self, train_ds: str, test_ds: str, threads: int, probe: bool):
+        self.train_ds, self.test_ds, self.threads, self.probe = train_ds, test_ds, threads, probe
+
+    def evaluate(self, model: nn.Module, name: str) -> dict:
+        from webcurate.train.evaluate import encode_labels, extract_features, knn_eval, linear_probe
+
+        torch.set_num_threads(self.threads)
+        t0 = time.time()
+        _, ftr, ltr = extract_features(self.train_ds, model.eval(), image_size=32, batch_size=256, device="cpu",
+                                       num_threads=self.threads, desc=f"{name}: train")
+        _, fte, lte = extract_features(self.test_ds, model, image_size=32, batch_size=256, device="cpu",
+                                       num_threads=self.threads, desc=f"{name}: test")
+        ytr, yte, classes = encode_labels(ltr, lte)
+        out = {"knn_top1": knn_eval(ftr, ytr, fte, yte, k=20, T=0.07, num_classes=len(classes)),
+               "feature_dim": int(ftr.shape[1])}
+        if self.probe:
+            out["linear_top1"] = linear_probe(ftr, ytr, fte, yte, len(classes))["accuracy"]
+        out["eval_seconds"] = round(time.time() - t0, 1)
+        return out
+
+
+def method_config(method: str, extra: list[str]):
+    """(config source, overrides) of ``method``: its docs/examples recipe, else BASE + overrides."""
+    path = os.path.join(EXAMPLES, f"train_cpu_{method}.yaml")
+    if os.path.exists(path):
+        return path, [f"method={method}", *extra]
+    return None, [*BASE, *METHOD_OVERRIDES.get(method, RESNET), f"method={method}", *extra]
+
+
+def random_init(cfg) -> nn.Module:
+    from webcurate.train.backbone import build_backbone
+
+    torch.manual_seed(cfg.run.seed)  # the workers build the student right after this seed: the same init
+    bb = build_backbone(cfg.model, cfg.loader.global_size)
+    model = bb.model.eval()
+    model.webcurate_info = {"image_size": cfg.loader.global_size}
+    return model
+
+
+def run_method(method: str, a, train_ds: str, n_train: int, feats: Features, workdir: str) -> dict:
+    from webcurate.train.config import load_config
+    from webcurate.train.driver import train
+    from webcurate.train.export_backbone import load_backbone
+    from webcurate.train.models import resolve_config
+
+    source, ov = method_config(method, [f"run.time_budget={a.budget_min * 60:.0f}s",
+                                        f"run.num_workers={a.workers}",
+                                        f"run.torch_threads={max(1, a.threads // a.workers)}",
+                                        f"run.cpus_per_worker={a.threads / a.workers}", *a.overrides])
+    cfg = resolve_config(load_config(source, ov))
+    out = os.path.join(workdir, f"run_{method}_{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"\n=== {method}: {source or 'bench BASE + METHOD_OVERRIDES'} {' '.join(ov)}", flush=True)
+    t0 = time.time()
+    summary = train(train_ds, out, cfg, quiet=False)
+    t_train = time.time() - t0
+    images = int(summary.get("step", 0)) * cfg.global_batch_size()
+    res = {"method": method, "model": cfg.model.name, "config": source and os.path.relpath(source, ROOT),
+           "overrides": ov, "steps": summary.get("step"), "plan_steps": summary.get("plan_steps"),
+           "epochs": round(images / n_train, 2), "images_seen": images, "train_seconds": round(t_train, 1),
+           "img_per_s": round(images / max(t_train, 1e-9), 1), "final_loss": summary.get("loss"),
+           "embedding_std": summary.get("embedding_std"), "effective_rank": summary.get("effective_rank"),
+           "collapse": summary.get("collapse"), "output": out}
+    res.update(feats.evaluate(load_backbone(os.path.join(out, "backbone.safetensors")), method))
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def table(results: list[dict], baselines: dict) -> str:
+    raw = baselines["raw_pixels"]["knn_top1"]
+    rows = ["| method | backbone | k-NN top-1 | vs raw pixels | linear probe | img/s | epochs | steps | collapse |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, b in baselines.items():
+        lin = f"{b['linear_top1'] * 100:.1f} %" if "linear_top1" in b else "-"
+        rows.append(f"| {name} | {b.get('model', '-')} | {b['knn_top1'] * 100:.1f} % | "
+                    f"{(b['knn_top1'] - raw) * 100:+.1f} | {lin} | - | - | - | - |")
+    for r in sorted(results, key=lambda r: -r.get("knn_top1", 0)):
+        lin = f"{r['linear_top1'] * 100:.1f} %" if "linear_top1" in r else "-"
+        knn = r.get("knn_top1")
+        if knn is None:
+            rows.append(f"| {r['method']} | {r.get('model', '-')} | failed: {r.get('error', '')[:80]} | | | | | | |")
+            continue
+        rows.append(f"| {r['method']} | {r['model']} | {knn * 100:.1f} % | {(knn - raw) * 100:+.1f} | {lin} | "
+                    f"{r['img_per_s']:.0f} | {r['epochs']} | {r['steps']} | {r.get('collapse', '')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget-min", type=float, default=10.0, help="training wall-clock budget in minutes")
-    ap.add_argument("--config", default=os.path.join(ROOT, "docs", "examples", "train_cifar_tiny.yaml"))
+    ap.add_argument("--methods", default=",".join(ALL), help="comma-separated methods, in run order")
+    ap.add_argument("--budget-min", type=float, default=15.0, help="wall-clock training budget per method")
     ap.add_argument("--workdir", default=os.path.join(HERE, "_work", "train_quality"))
-    ap.add_argument("--quick", action="store_true", help="1 minute on 5k train / 1k test images")
+    ap.add_argument("--quick", action="store_true", help="5k train / 1k test images (pair with a short --budget-min)")
+    ap.add_argument("--probe", action="store_true", help="also a linear probe per method (a minute each)")
     ap.add_argument("--threads", type=int, default=2, help="CPU cores to use in all")
-    ap.add_argument("--workers", type=int, default=2,
-                    help="Ray Train DDP workers; each gets threads/workers torch threads and 1 DALI thread")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train DDP workers (threads are split among them)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip raw pixels / random init")
+    ap.add_argument("overrides", nargs="*", help="section.key=value applied to every method")
     a = ap.parse_args()
     os.environ.setdefault("WEBCURATE_QUIET", "1")
-
     import ray
-
-    from webcurate.train.backbone import build_backbone
-    from webcurate.train.config import load_config
-    from webcurate.train.data.loader import batches_per_epoch
-    from webcurate.train.export import load_backbone
-    from webcurate.train.loop import dataset_size, resolve_config, train
 
     ray.init(num_cpus=a.threads, include_dashboard=False, object_store_memory=500 * 1024 * 1024,
              log_to_driver=True)
-    t_prep = time.time()
     src = extract(a.workdir)
     tag = "quick" if a.quick else "full"
     tr_src, te_src = os.path.join(src, "train"), os.path.join(src, "test")
     if a.quick:
         tr_src = subset_tree(tr_src, os.path.join(a.workdir, "quick_train"), 500)
         te_src = subset_tree(te_src, os.path.join(a.workdir, "quick_test"), 100)
-        a.budget_min = min(a.budget_min, 1.0)
     train_ds = shard(tr_src, os.path.join(a.workdir, f"ds_train_{tag}"))
     test_ds = shard(te_src, os.path.join(a.workdir, f"ds_test_{tag}"))
-    t_prep = time.time() - t_prep
+    from webcurate.train.config import load_config
+    from webcurate.train.driver import dataset_size
 
-    per_worker = max(1, a.threads // a.workers)
-    base = [f"run.num_workers={a.workers}", f"run.torch_threads={per_worker}",
-            f"run.cpus_per_worker={a.threads / a.workers}", "loader.num_threads=1"]
-    cfg = resolve_config(load_config(a.config, base + a.overrides))
     _, n_train = dataset_size(train_ds)
-    epoch_length = batches_per_epoch(n_train, cfg.loader, cfg.run.num_workers)
-    sps = seconds_per_step(cfg, per_worker)
-    # Workers run in parallel on their own cores; the loaders share them: leave ~15% of the budget.
-    steps = max(10, int(a.budget_min * 60 / (sps * 1.15)))
-    epochs = steps / epoch_length
-    scale = epochs / cfg.optim.epochs  # shrink every epoch-sized schedule setting to this run
-    ov = base + list(a.overrides) + [
-        f"optim.epochs={epochs:.4f}", f"run.max_steps={steps}", f"run.checkpoint_every={steps}",
-        f"optim.warmup_epochs={cfg.optim.warmup_epochs * scale:.4f}",
-        f"teacher.warmup_temp_epochs={cfg.teacher.warmup_temp_epochs * scale:.4f}",
-        f"optim.freeze_last_layer_epochs={cfg.optim.freeze_last_layer_epochs * scale:.4f}",
-    ]
-    cfg = resolve_config(load_config(a.config, ov))
-    out = os.path.join(a.workdir, f"run_{tag}_{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"calibration: {sps:.3f} s/step -> {steps} steps = {epochs:.2f} epochs of {n_train} images "
-          f"(epoch = {epoch_length} steps of {cfg.loader.batch_size})", flush=True)
-    t0 = time.time()
-    summary = train(train_ds, out, cfg)
-    t_train = time.time() - t0
-
-    torch.set_num_threads(a.threads)
-    trained = load_backbone(os.path.join(out, "backbone.safetensors"))
-    torch.manual_seed(cfg.run.seed)  # the loop builds the student right after this seed: same init
-    init = build_backbone(cfg.model, cfg.loader.global_size).vit.eval()
-    init.webcurate_info = {"image_size": cfg.loader.global_size}
-    t1 = time.time()
-    acc = {"trained": knn(trained, train_ds, test_ds, "trained"),
-           "random_init": knn(init, train_ds, test_ds, "random init"),
-           "raw_pixels": knn(RawPixels(), train_ds, test_ds, "raw pixels")}
-    t_eval = time.time() - t1
-    result = {
-        "config": os.path.relpath(a.config, ROOT), "overrides": ov, "train_images": n_train,
-        "steps": steps, "epochs": round(epochs, 3), "train_seconds": round(t_train, 1),
-        "fit_seconds": summary.get("seconds"), "img_per_s_last_step": summary.get("img_per_s"),
-        "images_seen": steps * cfg.loader.batch_size * cfg.run.num_workers,
-        "knn_top1": acc, "prep_seconds": round(t_prep, 1), "eval_seconds": round(t_eval, 1),
-        "final_loss": summary.get("loss"), "teacher_entropy": summary.get("teacher_entropy"),
-        "kl_to_uniform": summary.get("kl_to_uniform"), "output": out,
-    }
-    with open(os.path.join(out, "quality.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
-    print(f"k-NN top-1 (k=20, T=0.07) on CIFAR-10 test: trained {acc['trained'] * 100:.1f}% | "
-          f"random init {acc['random_init'] * 100:.1f}% | raw pixels {acc['raw_pixels'] * 100:.1f}%  "
-          f"(trained / raw = {acc['trained'] / max(acc['raw_pixels'], 1e-9):.2f}x, "
-          f"{t_train / 60:.1f} min training)")
+    feats = Features(train_ds, test_ds, a.threads, a.probe)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    baselines: dict = {}
+    if not a.no_baselines:
+        baselines["raw_pixels"] = feats.evaluate(RawPixels(), "raw pixels")
+        families = {}
+        for m in methods:  # one random init per architecture
+            source, ov = method_config(m, list(a.overrides))
+            cfg = load_config(source, ov)
+            families.setdefault(cfg.model.name + json.dumps(cfg.model.timm_kwargs, sort_keys=True), cfg)
+        for cfg in families.values():
+            res = feats.evaluate(random_init(cfg), f"random init {cfg.model.name}")
+            baselines[f"random init ({cfg.model.name})"] = {**res, "model": cfg.model.name}
+        print(json.dumps(baselines), flush=True)
+    results = []
+    for m in methods:
+        try:
+            results.append(run_method(m, a, train_ds, n_train, feats, a.workdir))
+        except Exception as e:  # one method failing must not lose the others' figures
+            print(f"{m} failed: {type(e).__name__}: {e}", flush=True)
+            results.append({"method": m, "error": f"{type(e).__name__}: {e}"})
+    path = os.path.join(a.workdir, f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump({"budget_min": a.budget_min, "train_images": n_train, "baselines": baselines,
+                   "results": results, "load": os.getloadavg()}, f, indent=2)
+    if baselines:
+        print("\n" + table(results, baselines))
+    print(f"\nresults: {path}; load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":
