@@ -118,7 +118,7 @@ def _tree_cpu(root: int, seen: dict[int, float]) -> None:
         todo.extend(children.get(pid, []))
 
 
-def run_timed(cmd: list[str], env: dict[str, str], log: str) -> tuple[float, float]:
+def run_timed(cmd: list[str], env: dict[str, str], log: str, sample=None) -> tuple[float, float]:
     """Run ``cmd``; return (wall seconds, CPU seconds of its whole process tree).
 
     CPU time is sampled every 0.2 s per process (a process that ends between
@@ -131,7 +131,11 @@ def run_timed(cmd: list[str], env: dict[str, str], log: str) -> tuple[float, flo
         popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         while popen.poll() is None:
             _tree_cpu(popen.pid, seen)
+            if sample is not None:
+                sample()
             time.sleep(0.2)
+    if sample is not None:
+        sample()
     seconds = time.time() - t0
     if popen.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed (rc {popen.returncode}); see {log}")
@@ -156,49 +160,34 @@ def run_img2dataset(exe: str, url_list: str, out: str, shard_size: int, log: str
 
 
 class WarmCluster:
-    """A local Ray head left running for several commands (``ray start --head --block`` in its own
-    session, so its raylet and workers are its descendants and their CPU can be counted)."""
+    """A local Ray cluster left running for several commands (tests/e2e/ray_cluster.py: its own
+    token, its processes found by a marker), whose CPU during a command is counted with it."""
 
     def __init__(self, num_cpus: int = 2):
-        import socket
+        import contextlib
 
-        with socket.socket() as sk:
-            sk.bind(("127.0.0.1", 0))
-            self.port = sk.getsockname()[1]
-        self.tmp = os.path.join(WORK, f"ray-{self.port}")
-        ray = os.path.join(os.path.dirname(sys.executable), "ray")
-        self.proc = subprocess.Popen([ray, "start", "--head", "--block", f"--port={self.port}",
-                                      f"--num-cpus={num_cpus}", "--include-dashboard=false",
-                                      "--node-ip-address=127.0.0.1", f"--temp-dir={self.tmp}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.address = f"127.0.0.1:{self.port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:  # until a driver can join
-            ok = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{self.address}'); ray.shutdown()"],
-                                capture_output=True).returncode == 0
-            if ok:
-                return
-            time.sleep(1)
-        self.stop()
-        raise SystemExit("warm Ray cluster did not start")
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from helpers import load_helper
 
-    def cpu(self) -> float:
-        seen: dict[int, float] = {}
-        _tree_cpu(self.proc.pid, seen)
-        return sum(seen.values())
+        ray_cluster = load_helper(os.path.join(REPO, "tests", "e2e", "ray_cluster.py"))
+        self._stack = contextlib.ExitStack()
+        self.cluster = self._stack.enter_context(
+            ray_cluster.local_ray_cluster(num_nodes=1, cpus_per_node=num_cpus, dashboard=False, object_store_mb=400))
+
+    def env(self) -> dict[str, str]:
+        return self.cluster.env()
+
+    def cpu_by_pid(self, seen: dict[int, float] | None = None) -> dict[int, float]:
+        """CPU seconds of each of the cluster's processes (the latest value per pid kept in ``seen``)."""
+        seen = {} if seen is None else seen
+        stats = _proc_stats()
+        for pid in self.cluster.head.pids():
+            if pid in stats:
+                seen[pid] = max(seen.get(pid, 0.0), stats[pid][1])
+        return seen
 
     def stop(self) -> None:
-        import signal
-
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._stack.close()
 
 
 def run_webcurate(input_uri: str, out: str, shard_size: int, log: str, cluster: WarmCluster | None = None) -> dict:
@@ -212,12 +201,17 @@ def run_webcurate(input_uri: str, out: str, shard_size: int, log: str, cluster: 
         cmd.append("--allow-private-addresses")  # the photos are served from 127.0.0.1
     env = dict(os.environ, WEBCURATE_QUIET="1")
     env.pop("RAY_ADDRESS", None)
+    sample = None
     if cluster is not None:
-        env["RAY_ADDRESS"] = cluster.address
-        before = cluster.cpu()
-    seconds, cpu = run_timed(cmd, env, log)
+        env.update(cluster.env())
+        before = cluster.cpu_by_pid()
+        during = dict(before)
+
+        def sample() -> None:  # sampled like the command's own tree: a worker that exits keeps its share
+            cluster.cpu_by_pid(during)
+    seconds, cpu = run_timed(cmd, env, log, sample)
     if cluster is not None:
-        cpu += cluster.cpu() - before
+        cpu += sum(v - before.get(pid, 0.0) for pid, v in during.items())
     with open(os.path.join(out, "_manifest.json")) as f:
         counts = json.load(f)["counts"]
     size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "shards", "*.tar")))
