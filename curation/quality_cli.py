@@ -10,7 +10,7 @@ import click
 from webcurate.shards.params import click_options, from_cli
 
 from .quality_params import FilterParams, ScoreParams
-from .stage_report import report_option, write_stage_report
+from .cli import report_option, write_stage_report
 
 _INPUT = click.option("--input", "input_uri", required=True, help="Dataset folder or s3:// prefix.")
 _WORKERS = click.option("--workers", type=int, default=None, help="Shards at once (default: one per Ray CPU).")

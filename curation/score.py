@@ -37,7 +37,7 @@ _MODELS: dict[str, Any] = {}  # per worker process: one model per weights hash, 
 
 def load_head(path: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(weight (C, D) float32, bias (C,) float32, sha256) of a linear head file."""
-    from .backbones import _local_copy, file_sha256, load_state_dict_file
+    from .embedding_models import _local_copy, file_sha256, load_state_dict_file
 
     local, tmp = _local_copy(path, "head file")
     try:
@@ -64,7 +64,7 @@ def load_head(path: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 def _classifier_width(model_name: str, state: dict[str, Any], image_size: int) -> int:
     """C of a timm classifier's weights file, from its classifier tensor."""
-    from .backbones import create_timm_model
+    from .embedding_models import create_timm_model
 
     probe = create_timm_model(model_name, image_size)  # num_classes=0: only the names matter here
     cls = str(getattr(probe, "pretrained_cfg", {}).get("classifier") or "head")
@@ -84,7 +84,7 @@ def build_model(p: ScoreParams) -> tuple[Any, dict[str, Any]]:
     import timm
     import torch
 
-    from .backbones import (BackboneSpec, _local_copy, build_backbone, file_sha256, load_state_dict_file,
+    from .embedding_models import (BackboneSpec, _local_copy, build_backbone, file_sha256, load_state_dict_file,
                             _norm_stats)
 
     if p.head:  # a backbone: features into the head
@@ -204,7 +204,7 @@ def score_images_shard(shard: int, root: str, stage: str, params: dict[str, Any]
     from webcurate.shards.dataset import Dataset
 
     from .embed import decode_image
-    from .backbones import pool_features
+    from .embedding_models import pool_features
 
     torch.set_num_threads(1)
     p = ScoreParams.model_validate(params)

@@ -121,7 +121,7 @@ def test_later_stages_leave_filtered_samples_out_and_a_new_filter_recomputes_the
     from webcurate.curation.cluster import run_cluster
     from webcurate.curation.embed import run_embed
     from webcurate.curation.filter import removed_in_shard
-    from webcurate.curation.vectors import read_embeddings
+    from webcurate.curation.embedding_parts import read_embeddings
 
     root, expect = pool
     run_embed(root, "test_resnet", random_init=True, image_size=32, batch_size=16, summary=False)
