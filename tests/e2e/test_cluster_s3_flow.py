@@ -187,7 +187,7 @@ def test_killing_the_worker_node_mid_shard_loses_and_duplicates_nothing(tmp_path
         storage.write_bytes(url_list, buf.getvalue())
         out = f"{s3_bucket}/killed"
         cmd = [WEBCURATE, "shard", "--input", url_list, "--output", out, "--shard-size", "4",
-               "--threads", "1", "--workers", "2"]
+               "--threads", "1", "--workers", "2", "--allow-private-addresses"]  # the server is on 127.0.0.1
         env = _env(cluster, s3_server)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 180
