@@ -21,9 +21,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Union
+
+from pydantic import Field
 
 from webcurate.shards.errors import ConfigError
+from webcurate.shards.params import Params, parse
 
 STEPS = ("shard", "curate", "train", "embed_for_label", "label", "selftrain")
 TOP_LEVEL = {"ray_address", "workdir", *STEPS}
@@ -41,20 +44,9 @@ class StepResult:
 
 def load_pipeline(path_or_dict: str | dict[str, Any]) -> dict[str, Any]:
     """Read a pipeline config (YAML path, local or s3://, or a dict) and check its keys."""
-    import yaml
+    from webcurate.shards.params import load_yaml
 
-    from webcurate.shards import storage
-
-    if isinstance(path_or_dict, dict):
-        raw, where = dict(path_or_dict), "pipeline config"
-    else:
-        where = path_or_dict
-        try:
-            raw = yaml.safe_load(storage.read_bytes(path_or_dict).decode("utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"pipeline config {path_or_dict} does not exist")
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where} is not valid YAML: {e}") from e
+    raw, where = load_yaml(path_or_dict, "pipeline config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping with steps {', '.join(STEPS)}")
     unknown = sorted(set(raw) - TOP_LEVEL)
@@ -77,7 +69,6 @@ def _need(sec: dict[str, Any], key: str, step: str) -> Any:
 def check_shard_section(sec: dict[str, Any]):
     """The `shard:` section as validated ``IngestParams`` (a ``ConfigError`` names the bad field)."""
     from webcurate.shards.ingest_params import IngestParams
-    from webcurate.shards.params import parse
 
     return parse(IngestParams, sec, "pipeline config", section="shard")
 
@@ -108,46 +99,82 @@ def train_is_complete(output: str) -> bool:
     return storage.exists(storage.join(output, "backbone.safetensors"))
 
 
+class TrainStep(Params):
+    """The `train:` section of a pipeline config."""
+
+    data: str = Field(description="dataset to train on (default: the previous step's output)")
+    output: str = Field(description="run folder: checkpoints, metrics and backbone.safetensors")
+    config: Optional[str] = Field(None, description="training YAML (docs/examples/train*.yaml)")
+    overrides: Union[list[str], dict[str, Any]] = Field(default_factory=list,
+                                                        description="section.key=value overrides")
+    max_steps: Optional[int] = Field(None, ge=1)
+    num_workers: Optional[int] = Field(None, ge=1)
+    model: Optional[str] = Field(None, description="timm architecture (model.name)")
+    method: Optional[str] = Field(None, description="SSL method (dinov2, simclr, byol, ...)")
+    time_budget: Optional[str] = Field(None, description="wall-clock budget, e.g. 15m")
+    epochs: Optional[float] = Field(None, gt=0)
+
+    def train_config(self):
+        """The validated ``TrainConfig``: the file, then ``overrides``, then the shortcuts above."""
+        from webcurate.train.config import load_config
+
+        ov = self.overrides
+        overrides = [f"{k}={v}" for k, v in ov.items()] if isinstance(ov, dict) else [str(o) for o in ov]
+        for key, path in (("max_steps", "run.max_steps"), ("num_workers", "run.num_workers"),
+                          ("model", "model.name"), ("method", "method"), ("time_budget", "run.time_budget"),
+                          ("epochs", "run.epochs")):
+            if getattr(self, key) is not None:
+                overrides.append(f"{path}={getattr(self, key)}")
+        return load_config(self.config, overrides)
+
+
+def check_train_section(sec: dict[str, Any]):
+    return parse(TrainStep, sec, "pipeline config", section="train").train_config()
+
+
 def run_train_step(sec: dict[str, Any]) -> StepResult:
     from webcurate.train.checkpoint import list_checkpoints
-    from webcurate.train.config import load_config
     from webcurate.train.driver import train
 
-    data, out = _need(sec, "data", "train"), _need(sec, "output", "train")
+    step = parse(TrainStep, sec, "pipeline config", section="train")
+    out = step.output
     if train_is_complete(out):
         return StepResult("train", "complete already", 0.0, out, "backbone.safetensors exists")
-    overrides = sec.get("overrides") or []
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={v}" for k, v in overrides.items()]
-    overrides = [str(o) for o in overrides]
-    for key, path in (("max_steps", "run.max_steps"), ("num_workers", "run.num_workers"), ("model", "model.name"),
-                      ("method", "method"), ("time_budget", "run.time_budget"), ("epochs", "run.epochs")):
-        if sec.get(key) is not None:
-            overrides.append(f"{path}={sec[key]}")
-    cfg = load_config(sec.get("config"), overrides)
+    cfg = step.train_config()
     resume = bool(list_checkpoints(out))
-    summary = train(data, out, cfg, resume=resume)
+    summary = train(step.data, out, cfg, resume=resume)
     detail = ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
                        for k in ("step", "loss", "img_per_s") if k in summary)
     return StepResult("train", "resumed" if resume else "ran", float(summary.get("seconds", 0.0)), out, detail,
                       info=summary)
 
 
+def _embed_for_label_params():
+    from webcurate.curation.stage_params import EmbedParams
+
+    class EmbedForLabel(EmbedParams):
+        """The `embed_for_label:` section: embed options plus the datasets to embed."""
+
+        datasets: Union[str, list[str]] = Field(description="the dataset to label and its seed datasets")
+
+    return EmbedForLabel
+
+
+def check_embed_for_label_section(sec: dict[str, Any]):
+    return parse(_embed_for_label_params(), sec, "pipeline config", section="embed_for_label")
+
+
 def run_embed_for_label_step(sec: dict[str, Any]) -> StepResult:
     from webcurate.curation.embed import run_embed
 
-    datasets = sec.get("datasets") or []
-    if isinstance(datasets, str):
-        datasets = [datasets]
+    p = check_embed_for_label_section(sec)
+    datasets = [p.datasets] if isinstance(p.datasets, str) else list(p.datasets)
     if not datasets:
-        raise ConfigError("pipeline step `embed_for_label` needs `datasets` (the dataset to label and its seeds)")
-    opts = {k: v for k, v in sec.items() if k != "datasets"}
-    model = opts.pop("model", None)
-    if not model:
-        raise ConfigError("pipeline step `embed_for_label` needs `model`")
+        raise ConfigError("pipeline config: embed_for_label.datasets: give the dataset to label and its seeds")
+    opts = {k: v for k, v in p.model_dump().items() if k != "datasets"}
     embedded = 0
     for d in datasets:
-        embedded += len(run_embed(d, model, **opts).done)
+        embedded += len(run_embed(d, **opts).done)
     outcome = "ran" if embedded else "complete already"
     return StepResult("embed_for_label", outcome, 0.0, None, f"{len(datasets)} dataset(s), {embedded} shard(s) embedded")
 
@@ -161,7 +188,6 @@ def label_is_complete(sec: dict[str, Any]) -> bool:
     from webcurate.shards.dataset import Dataset
 
     from webcurate.curation.labeling.params import LabelParams
-    from webcurate.shards.params import parse
 
     p = parse(LabelParams, sec, "pipeline config", section="label")
     out = p.output
@@ -180,7 +206,6 @@ def label_is_complete(sec: dict[str, Any]) -> bool:
 def run_label_step(sec: dict[str, Any]) -> StepResult:
     from webcurate.curation.labeling.params import LabelParams
     from webcurate.curation.labeling.workflow import label_dataset
-    from webcurate.shards.params import parse
 
     _need(sec, "input", "label"), _need(sec, "lfs", "label")
     p = parse(LabelParams, sec, "pipeline config", section="label")
@@ -201,7 +226,6 @@ def run_label_step(sec: dict[str, Any]) -> StepResult:
 def run_selftrain_step(sec: dict[str, Any]) -> StepResult:
     from webcurate.curation.labeling.params import SelfTrainParams
     from webcurate.curation.labeling.selftrain_stage import run_selftrain, selftrain_is_complete
-    from webcurate.shards.params import parse
 
     _need(sec, "input", "selftrain"), _need(sec, "seed", "selftrain"), _need(sec, "output", "selftrain")
     p = parse(SelfTrainParams, sec, "pipeline config", section="selftrain")
@@ -222,7 +246,31 @@ RUNNERS: dict[str, Callable[[dict[str, Any]], StepResult]] = {
 }
 
 
-CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {"shard": check_shard_section}
+def check_curate_section(sec: dict[str, Any]):
+    from webcurate.curation.curate import load_config
+
+    return load_config(sec)
+
+
+def check_label_section(sec: dict[str, Any]):
+    from webcurate.curation.labeling.params import LabelParams
+
+    return parse(LabelParams, sec, "pipeline config", section="label")
+
+
+def check_selftrain_section(sec: dict[str, Any]):
+    from webcurate.curation.labeling.params import SelfTrainParams
+
+    return parse(SelfTrainParams, sec, "pipeline config", section="selftrain")
+
+
+# Every section is validated before any step runs, so a wrong type never becomes a
+# run that "succeeds" with every row failed, or a failure hours into the pipeline.
+CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "shard": check_shard_section, "curate": check_curate_section, "train": check_train_section,
+    "embed_for_label": check_embed_for_label_section, "label": check_label_section,
+    "selftrain": check_selftrain_section,
+}
 
 
 def _chain_inputs(cfg: dict[str, Any]) -> None:
