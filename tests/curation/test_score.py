@@ -134,8 +134,8 @@ def test_sample_takes_min_score_floors_and_score_weighted_draws(pool, tmp_path):
     floor = sorted(scores.values())[2]  # 4 of the 6 scored samples reach it
     run_cluster(pool, levels="2", resampling_steps="0", summary=False)
     res = run_sample(pool, 10, min_score=[f"aes={floor}"], summary=False)
-    assert res["selected"] == 4 and set(selected_keys(Dataset(pool))) == {k for k, s in scores.items() if s >= floor}
+    assert res.info["selected"] == 4 and set(selected_keys(Dataset(pool))) == {k for k, s in scores.items() if s >= floor}
     res = run_sample(pool, 3, weight_by="aes", seed=5, summary=False)
-    assert res["selected"] == 3 and set(selected_keys(Dataset(pool))) <= set(scores)
-    with pytest.raises(ConfigError, match="--min-score: .*NAME=VALUE"):
+    assert res.info["selected"] == 3 and set(selected_keys(Dataset(pool))) <= set(scores)
+    with pytest.raises(ConfigError, match="min_score: .*NAME=VALUE"):
         run_sample(pool, 3, min_score=["aes"], summary=False)

@@ -34,7 +34,10 @@ accepted by ``from_dict`` (they set entry 0 / 1 of ``blur_p`` / ``solarize_p``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from functools import cache
+from typing import Any, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from .recipes import RECIPES, recipe_defaults
 
@@ -203,7 +206,7 @@ class LoaderConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown loader option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**d)
+        cfg = cls(**{name: _coerce(name, value) for name, value in d.items()})
         for key, value in legacy.items():
             name, view = LEGACY_FIELDS[key]
             values = list(getattr(cfg, name))
@@ -213,6 +216,20 @@ class LoaderConfig:
             setattr(cfg, name, tuple(values))
         cfg.validate()
         return cfg
+
+
+@cache
+def _adapter(name: str) -> TypeAdapter:
+    return TypeAdapter(get_type_hints(LoaderConfig)[name])
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """``value`` as field ``name``'s declared type; a ``ValueError`` naming the field when it is not one."""
+    try:
+        return _adapter(name).validate_python(value)
+    except ValidationError as e:
+        why = e.errors()[0]["msg"] if e.errors() else str(e)
+        raise ValueError(f"LoaderConfig.{name}: {why}, got {value!r}") from None
 
 
 def resolve_device(device: str) -> str:
