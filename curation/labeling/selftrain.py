@@ -46,6 +46,8 @@ from .classifier import FeatureMap, balanced_weights, make_classifier
 from .params import SelfTrainParams
 
 NONE = -2  # dev label of a "none of these" example
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+L2_DEFAULT = 0.1
 
 
 @dataclass
@@ -103,6 +105,17 @@ class RoundState:
         """True when the last round added nothing (no later round can)."""
         return bool(self.summaries) and self.summaries[-1]["added"] == 0
 
+    @property
+    def dev_dropped(self) -> bool:
+        """True when the last round's classifier is less accurate on the dev set than an earlier one."""
+        acc = [s["dev_accuracy"] for s in self.summaries]
+        return len(acc) > 1 and acc[-1] is not None and acc[-1] < max(a for a in acc[:-1] if a is not None)
+
+    def upto(self, r: int) -> "RoundState":
+        """The pseudo-labels of rounds 1..r only (summaries kept)."""
+        later = self.round > r
+        return RoundState(np.where(later, -1, self.label), np.where(later, 0, self.round), self.summaries)
+
 
 @dataclass
 class Fit:
@@ -129,6 +142,7 @@ class SelfTrainer:
         # knn novelty space: cosine after removing the pool's mean direction
         self.Cpool, self.Cseed = self.fmap.centred(data.pool), self.fmap.centred(data.seed)
         self.Cdev = self.fmap.centred(data.dev) if data.dev is not None else None
+        self._l2: float | None = None
 
     # -- one fit ---------------------------------------------------------------
     def _train_set(self, st: RoundState) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -140,11 +154,31 @@ class SelfTrainer:
         base = np.concatenate([np.ones(len(self.d.seed_y)), np.full(len(idx), self.p.pseudo_weight)])
         return X, y, balanced_weights(y, self.d.K, base), C
 
+    def _classifier(self, l2: float) -> Any:
+        return make_classifier(self.p.classifier, self.d.K, l2=l2, hidden=self.p.hidden, max_iter=self.p.max_iter,
+                               seed=self.p.random_seed)
+
+    @property
+    def l2(self) -> float:
+        """The L2 strength: given, or (``auto``) the grid value whose seed-only classifier is the most
+        accurate on the dev set (ties to the stronger penalty); 0.1 without a dev set."""
+        if self._l2 is None:
+            if self.p.l2 != "auto":
+                self._l2 = float(self.p.l2)
+            elif self.Xdev is None or not self.d.dev_known.any():
+                self._l2 = L2_DEFAULT
+            else:
+                X, y, w, _ = self._train_set(RoundState.empty(len(self.d.pool_keys)))
+                known = self.d.dev_known
+                acc = {l2: float((self._classifier(l2).fit(X, y, w).logits(self.Xdev[known]).argmax(axis=1)
+                                  == self.d.dev_y[known]).mean()) for l2 in L2_GRID}
+                self._l2 = max(L2_GRID, key=lambda v: (acc[v], v))
+        return self._l2
+
     def fit(self, st: RoundState, rnd: int) -> Fit:
         """Fit the classifier on ``st``'s training set, calibrate it and score the pool."""
         X, y, w, E = self._train_set(st)
-        model = make_classifier(self.p.classifier, self.d.K, l2=self.p.l2, hidden=self.p.hidden,
-                                max_iter=self.p.max_iter, seed=self.p.random_seed).fit(X, y, w)
+        model = self._classifier(self.l2).fit(X, y, w)
         logits = model.logits(self.Xpool)
         T, dev_acc, dev_logits = self._calibrate(model)
         in_set, abstain, info = self._novelty(st, rnd, E, model, logits, dev_logits, T)
@@ -267,9 +301,27 @@ class SelfTrainer:
         summary = self.summary(f, rnd, add, label, time.time() - t0)
         return RoundState(label, rounds, st.summaries + [summary]), f
 
-    def final(self, st: RoundState) -> Fit:
-        """The classifier on everything kept: the labels of the output."""
-        return self.fit(st, st.rounds_done + 1)
+    def done(self, st: RoundState) -> bool:
+        """No more rounds: the last added nothing, or (``keep_best_round``) it made dev accuracy drop."""
+        return st.stopped or (self.p.keep_best_round and st.dev_dropped)
+
+    def final(self, st: RoundState) -> tuple[Fit, RoundState]:
+        """The classifier that labels the output and the pseudo-labels it was fitted on.
+
+        That is the fit on every pseudo-label, unless (``keep_best_round``, with a
+        dev set) an earlier round's classifier was more accurate on the dev set:
+        on weak embeddings pseudo-labels can make things worse, and then the
+        rounds that did are left out.
+        """
+        f = self.fit(st, st.rounds_done + 1)
+        acc = [s["dev_accuracy"] for s in st.summaries]
+        if not (self.p.keep_best_round and acc and all(a is not None for a in acc) and f.dev_accuracy is not None):
+            return f, st
+        best = int(np.argmax(acc))  # the earliest best: fit of round best+1 used rounds 1..best
+        if acc[best] <= f.dev_accuracy:
+            return f, st
+        used = st.upto(best)
+        return self.fit(used, st.rounds_done + 1), used
 
     def summary(self, f: Fit, rnd: int, add: np.ndarray, label: np.ndarray, seconds: float) -> dict[str, Any]:
         """What the round did: additions per class, dev accuracy, label-model agreement, rejections."""
@@ -281,7 +333,7 @@ class SelfTrainer:
             "pseudo_labelled": int((label >= 0).sum()), "dev_accuracy": f.dev_accuracy,
             "temperature": round(f.temperature, 4), "abstain_below": f.abstain_below,
             "rejected": int((d.pool_ok & (f.in_set < f.abstain_below)).sum()),
-            "label_model_agreement": self.agreement(f), "seconds": round(seconds, 3),
+            "label_model_agreement": self.agreement(f), "l2": self.l2, "seconds": round(seconds, 3),
         }
         return out
 

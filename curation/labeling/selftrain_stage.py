@@ -51,6 +51,8 @@ class SelfTrainRun:
     state: RoundState
     final: Fit
     resumed_after: int = 0
+    used: RoundState | None = None  # the pseudo-labels the final classifier was fitted on
+    l2: float | None = None
     selection: pseudo_dataset.Selection | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -102,7 +104,7 @@ def _rounds(trainer: SelfTrainer, st: RoundState, p: SelfTrainParams, fingerprin
     bar = progress_bar(total=p.max_rounds, initial=min(st.rounds_done, p.max_rounds), desc="selftrain",
                        unit="round")
     try:
-        while st.rounds_done < p.max_rounds and not st.stopped:
+        while st.rounds_done < p.max_rounds and not trainer.done(st):
             st, _ = trainer.run_round(st, st.rounds_done + 1)
             if p.output and fingerprint:
                 save_round(p.output, fingerprint, p, st)
@@ -142,10 +144,11 @@ def self_train(data: SelfTrainData, p: SelfTrainParams, *, start: RoundState | N
     resumed = st.rounds_done
     trainer = SelfTrainer(data, p)
     st = _rounds(trainer, st, p, fingerprint)
-    final = trainer.final(st)
+    final, used = trainer.final(st)
     rejected = data.pool_ok & (final.in_set < final.abstain_below)
     pred = np.where(data.pool_ok & ~rejected, final.probs.argmax(axis=1), -1)
-    return SelfTrainRun(data.classes, data.pool_keys, final.probs, pred, rejected, st, final, resumed)
+    return SelfTrainRun(data.classes, data.pool_keys, final.probs, pred, rejected, st, final, resumed, used=used,
+                        l2=trainer.l2)
 
 
 def selftrain_is_complete(p: SelfTrainParams) -> bool:
@@ -166,7 +169,7 @@ def selftrain_is_complete(p: SelfTrainParams) -> bool:
 
 def sources(run: SelfTrainRun) -> list[list[str]]:
     """Per sample: the round that pseudo-labelled it with the exported class, else ``selftrain:final``."""
-    st = run.state
+    st = run.used if run.used is not None else run.state
     return [[f"selftrain:round_{int(st.round[i])}" if st.label[i] == y and st.round[i] > 0 else "selftrain:final"]
             if y >= 0 else [] for i, y in enumerate(run.pred.tolist())]
 
@@ -198,7 +201,9 @@ def result_record(run: SelfTrainRun, data: SelfTrainData, p: SelfTrainParams, se
         "classes": run.classes, "rounds": run.state.summaries, "resumed_after_round": run.resumed_after,
         "final": {"dev_accuracy": f.dev_accuracy, "temperature": f.temperature,
                   "pseudo_labelled": int((run.state.label >= 0).sum()),
-                  "labelled": int((run.pred >= 0).sum()), "pool": len(run.keys)},
+                  "pseudo_labels_used": int((run.used.label >= 0).sum()) if run.used is not None else None,
+                  "rounds_used": int(run.used.round.max()) if run.used is not None else None,
+                  "l2": run.l2, "labelled": int((run.pred >= 0).sum()), "pool": len(run.keys)},
         "dev": {"final_dev_accuracy": f.dev_accuracy, "temperature": f.temperature,
                 **{k: v for k, v in f.dev_info.items() if not isinstance(v, (list, dict))}},
         "rejection": {"score": p.novelty, "abstain_below": f.abstain_below, "rejected": int(run.rejected.sum()),
@@ -215,7 +220,11 @@ def print_summary(run: SelfTrainRun, output: str | None) -> None:
              s["pseudo_labelled"], _f(s["dev_accuracy"]), f"{s['temperature']:.3f}", s["rejected"],
              _f(s["label_model_agreement"])) for s in run.state.summaries]
     f = run.final
-    rows.append(("final", "-", "-", int((run.state.label >= 0).sum()), _f(f.dev_accuracy), f"{f.temperature:.3f}",
+    used = run.used if run.used is not None else run.state
+    r = int(used.round.max())
+    rows.append((f"final ({f'pseudo-labels of rounds 1-{r}' if r else 'seeds only'})", "-", "-",
+                 int((used.label >= 0).sum()),
+                 _f(f.dev_accuracy), f"{f.temperature:.3f}",
                  int(run.rejected.sum()), "-"))
     print_table("selftrain: rounds", rows, ("round", "added", "added per class", "pseudo-labelled", "dev acc",
                                             "temperature", "rejected", "agrees with label model"))

@@ -165,3 +165,22 @@ def test_top_percent_adds_the_most_confident_share_of_each_class(world, tmp_path
     predicted = np.bincount(run.final.probs[kept].argmax(axis=1), minlength=3)
     for c, name in enumerate(run.classes):  # half (rounded up) of each class's candidates
         assert abs(added[name] - np.ceil(predicted[c] / 2)) <= 3
+
+
+def test_pseudo_labels_that_lower_dev_accuracy_are_left_out(world, tmp_path):
+    from webcurate.curation.labeling.selftrain import RoundState, SelfTrainer
+    from webcurate.curation.labeling.selftrain_data import load_inputs
+
+    p = _params(world, tmp_path, output=None)
+    data, _ = load_inputs(p.input, p.seed, p.dev, None, None, "none")
+    trainer = SelfTrainer(data, p)
+    empty = RoundState.empty(len(data.pool_keys))
+    seeds_only = trainer.fit(empty, 1)
+    # A round whose pseudo-labels are all wrong: every pool sample called `bird` (a fifth of them are).
+    wrong = RoundState(np.full(len(data.pool_keys), 0), np.ones(len(data.pool_keys), np.int64),
+                       [{"round": 1, "added": len(data.pool_keys), "dev_accuracy": seeds_only.dev_accuracy}])
+    f, used = trainer.final(wrong)
+    assert (used.label < 0).all(), "the harmful round is not used"
+    assert f.dev_accuracy == seeds_only.dev_accuracy
+    assert RoundState(wrong.label, wrong.round, wrong.summaries + [{"dev_accuracy": 0.2}]).dev_dropped
+    assert trainer.l2 in (1e-3, 1e-2, 1e-1, 1.0)  # picked on the dev set
