@@ -13,6 +13,8 @@
      dedup      copy-dedup + relative dedup against the test photos;
      retrieval  retrieval from the seed set only;
      all        filter + dedup + relative dedup + retrieval + hierarchical k-means + balanced sampling.
+   Diagnostic upper bounds (--arms ...,oracle,clean; they read the hidden columns, no stage does):
+     oracle     N distinct target-class photos; clean: N random distinct originals (no junk, no reposts).
 4. Each subset trains a backbone with the same recipe for the same number of steps (or the same
    --time-budget), then `webcurate eval knn` / `eval linear` on the test photos of the target
    classes (classifier fitted on the evaluation bank). The mix of each subset is counted from the
@@ -41,6 +43,8 @@ sys.path.insert(0, HERE)
 import _web_pool as web_pool  # noqa: E402
 
 ARMS = ("random", "random2", "filter", "dedup", "retrieval", "all")
+# Not a curation: upper bounds that read the hidden columns (--arms ...,oracle,clean).
+DIAGNOSTIC_ARMS = ("oracle", "clean")
 # Run 2 of bench/results/train.md: the CPU DINO settings that take off soonest.
 RECIPE = ["loader.batch_size=32", "optim.base_lr=0.004", "dino.n_prototypes=256", "teacher.temp=0.04"]
 
@@ -140,6 +144,42 @@ def against_threshold(pool: str, a: argparse.Namespace) -> float:
     return float(cal.get("threshold", 0.6))
 
 
+def write_diagnostic(arm: str, pool: str, out: str, a: argparse.Namespace) -> None:
+    """oracle: N distinct target-class photos (originals first); clean: N random distinct originals, no junk.
+
+    Both choose by the hidden kind / true_class / origin columns: what perfect curation
+    could give, to tell the limits of the stages from the limits of the training recipe.
+    """
+    import numpy as np
+
+    from webcurate.shards.dataset import Dataset
+    from webcurate.shards.subset import write_subset
+
+    t = Dataset(pool).index(columns=["key", "kind", "true_class", "origin"], status="ok")
+    rows = sorted(zip(*(t[c].to_pylist() for c in ("key", "kind", "true_class", "origin"))))
+    targets = set(web_pool.PoolSpec().targets)
+    rng = np.random.default_rng(a.seed)
+    if arm == "oracle":
+        first = [r for r in rows if r[1] == "target"]
+        rest = [r for r in rows if r[1] == "repost" and r[2] in targets]
+        seen = {r[3] for r in first}
+        extra = []
+        for i in rng.permutation(len(rest)):  # one repost per further photo, then any
+            if rest[i][3] not in seen:
+                seen.add(rest[i][3])
+                extra.append(rest[i])
+        extra += [rest[i] for i in rng.permutation(len(rest)) if rest[i] not in extra]
+        pick = [r[0] for r in (first + extra)[:a.n]]
+    else:
+        originals = [r[0] for r in rows if r[1] in ("target", "offtarget")]
+        pick = [originals[i] for i in sorted(rng.choice(len(originals), min(a.n, len(originals)), replace=False))]
+    write_subset(pool, out, {k: {} for k in pick}, stage=arm, parameters={"n": a.n, "seed": a.seed},
+                 summary=False)
+    import ray
+
+    ray.shutdown()
+
+
 def run_arm(arm: str, base_pool: str, paths: dict[str, str], backbone: str, a: argparse.Namespace) -> str:
     """The arm's subset of N images (a dataset), made by our stages or at random."""
     import yaml
@@ -150,7 +190,9 @@ def run_arm(arm: str, base_pool: str, paths: dict[str, str], backbone: str, a: a
         return out
     shutil.rmtree(arm_dir, ignore_errors=True)
     os.makedirs(arm_dir)
-    if arm.startswith("random"):
+    if arm in DIAGNOSTIC_ARMS:
+        write_diagnostic(arm, base_pool, out, a)
+    elif arm.startswith("random"):
         import numpy as np
 
         from webcurate.shards.dataset import Dataset
