@@ -117,26 +117,63 @@ class RawPixels(nn.Module):
 
 
 class Features:
-    """Train/test features of a backbone and the two evaluations on them."""
+    """Train/test features of a backbone and the two evaluations on them.
 
-    def __init__(self, train_ds: str, test_ds: str, threads: int, probe: bool):
-        self.train_ds, self.test_ds, self.threads, self.probe = train_ds, test_ds, threads, probe
+    The eval images are decoded and transformed once (``extract_features`` with
+    ``RawPixels``: exactly the tensors ``webcurate eval`` feeds a backbone) and kept
+    as (N, 3, 32, 32) float tensors; every backbone then only runs its forward.
+    """
+
+    def __init__(self, train_ds: str, test_ds: str, threads: int, probe: bool, cache: str | None = None,
+                 subset: int = 0):
+        from webcurate.train.evaluate import encode_labels, extract_features
+
+        self.threads, self.probe = threads, probe
+        torch.set_num_threads(threads)
+        if cache and os.path.exists(cache):
+            xtr, xte, ltr, lte = torch.load(cache, weights_only=True).values()
+        else:
+            _, xtr, ltr = extract_features(train_ds, RawPixels(), image_size=32, batch_size=256, device="cpu",
+                                           num_threads=threads, desc="eval images: train")
+            _, xte, lte = extract_features(test_ds, RawPixels(), image_size=32, batch_size=256, device="cpu",
+                                           num_threads=threads, desc="eval images: test")
+            if cache:
+                torch.save({"xtr": xtr, "xte": xte, "ltr": ltr, "lte": lte}, cache)
+        self.xtr, self.xte = xtr.view(-1, 3, 32, 32), xte.view(-1, 3, 32, 32)
+        self.ytr, self.yte, self.classes = encode_labels(ltr, lte)
+        if subset:  # tuning only: a fixed random subset (bank of `subset`, test of subset // 5)
+            g = torch.Generator().manual_seed(0)
+            itr = torch.randperm(len(self.xtr), generator=g)[:subset]
+            ite = torch.randperm(len(self.xte), generator=g)[:max(1, subset // 5)]
+            self.xtr, self.ytr, self.xte, self.yte = self.xtr[itr], self.ytr[itr], self.xte[ite], self.yte[ite]
+
+    @torch.no_grad()
+    def _embed(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        from webcurate.train.evaluate import _embed
+
+        cl = not hasattr(model, "blocks")  # ConvNets: channels-last, as they trained
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        out = []
+        for chunk in x.split(512):
+            out.append(_embed(model, chunk.contiguous(memory_format=torch.channels_last) if cl else chunk).float())
+        return torch.cat(out)
 
     def evaluate(self, model: nn.Module, name: str) -> dict:
-        from webcurate.train.evaluate import encode_labels, extract_features, knn_eval, linear_probe
+        from webcurate.train.evaluate import knn_eval, linear_probe
 
         torch.set_num_threads(self.threads)
         t0 = time.time()
-        _, ftr, ltr = extract_features(self.train_ds, model.eval(), image_size=32, batch_size=256, device="cpu",
-                                       num_threads=self.threads, desc=f"{name}: train")
-        _, fte, lte = extract_features(self.test_ds, model, image_size=32, batch_size=256, device="cpu",
-                                       num_threads=self.threads, desc=f"{name}: test")
-        ytr, yte, classes = encode_labels(ltr, lte)
-        out = {"knn_top1": knn_eval(ftr, ytr, fte, yte, k=20, T=0.07, num_classes=len(classes)),
+        model = model.eval()
+        ftr, fte = self._embed(model, self.xtr), self._embed(model, self.xte)
+        out = {"knn_top1": knn_eval(ftr, self.ytr, fte, self.yte, k=20, T=0.07, num_classes=len(self.classes)),
                "feature_dim": int(ftr.shape[1])}
         if self.probe:
-            out["linear_top1"] = linear_probe(ftr, ytr, fte, yte, len(classes))["accuracy"]
+            out["linear_top1"] = linear_probe(ftr, self.ytr, fte, self.yte, len(self.classes))["accuracy"]
         out["eval_seconds"] = round(time.time() - t0, 1)
+        print(f"[eval] {name}: k-NN {out['knn_top1'] * 100:.1f} %"
+              + (f", linear {out['linear_top1'] * 100:.1f} %" if "linear_top1" in out else "")
+              + f" ({out['eval_seconds']} s)", flush=True)
         return out
 
 
@@ -215,6 +252,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU cores to use in all")
     ap.add_argument("--workers", type=int, default=1, help="Ray Train DDP workers (threads are split among them)")
     ap.add_argument("--no-baselines", action="store_true", help="skip raw pixels / random init")
+    ap.add_argument("--eval-subset", type=int, default=0,
+                    help="tuning only: k-NN bank of N train images, test on N/5 (0: the full splits)")
     ap.add_argument("overrides", nargs="*", help="section.key=value applied to every method")
     a = ap.parse_args()
     os.environ.setdefault("WEBCURATE_QUIET", "1")
@@ -234,7 +273,8 @@ def main() -> None:
     from webcurate.train.driver import dataset_size
 
     _, n_train = dataset_size(train_ds)
-    feats = Features(train_ds, test_ds, a.threads, a.probe)
+    feats = Features(train_ds, test_ds, a.threads, a.probe, os.path.join(a.workdir, f"eval_images_{tag}.pt"),
+                     a.eval_subset)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     baselines: dict = {}
     if not a.no_baselines:

@@ -164,14 +164,28 @@ class ConvBackbone(Backbone):
     """A timm ConvNet; ``forward(x)`` -> ``{"cls": (B, D)}`` pooled features (no patch tokens)."""
 
     kind = "convnet"
+    channels_last = False
 
     def shard_units(self) -> list[nn.Module]:
         return [m for n, m in self.model.named_children() if n.startswith(("layer", "stages"))]
+
+    def use_channels_last(self) -> "ConvBackbone":
+        """Weights and inputs in channels-last layout: oneDNN's (and cuDNN's) fast convolution path.
+
+        Measured on the 2-core CPU (narrow ResNet-18, 32 px, batch 256): about 2x the img/s of the
+        default layout, which makes oneDNN reorder every activation. The exported weights are made
+        contiguous again (``export_backbone.backbone_state``), so readers see plain tensors.
+        """
+        self.model.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) images -> ``{"cls": (B, D)}``; ``masks`` must be None (ConvNets have no patches)."""
         if masks is not None:
             raise ValueError("a ConvNet backbone takes no patch masks")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return {"cls": self.model(x)}
 
 

@@ -173,7 +173,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
     starts), ``TrainError`` when workers fail (checkpoints written so far are kept).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from webcurate.shards import storage
     from webcurate.shards.ray_runtime import cluster_cpus, cluster_gpus, init_ray
@@ -214,7 +214,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
         "quiet": quiet, "cpus_per_worker": cpus, "loader_factory": loader_factory, "deadline": deadline,
         "resume_from": resume_from,
     }
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _worker_entry,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -243,6 +243,38 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
         "backbone": storage.join(output, "backbone.safetensors"),
     })
     return summary
+
+
+def _local_ray_without_dashboard() -> bool:
+    """Whether this process runs the in-process Ray of ``init_ray`` (no dashboard, so no State API)."""
+    try:
+        import ray._private.worker as rw
+
+        node = rw._global_node
+        return node is not None and node.head and not node.address_info.get("webui_url")
+    except Exception:  # another Ray layout: keep Ray's defaults
+        return False
+
+
+def _trainer_class():
+    """``TorchTrainer``, minus Ray Train's placement-group cleaner where the State API is missing.
+
+    The cleaner (a detached actor that frees the workers' placement group if the
+    controller dies) polls the State API every second; without a dashboard each poll
+    fails and logs a warning, a line per second for the whole run. On the in-process
+    Ray the placement group dies with the driver anyway, so the cleaner has nothing to do.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not _local_ray_without_dashboard():
+        return TorchTrainer
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return LocalTorchTrainer
 
 
 def _worker_entry(config: dict[str, Any]) -> None:

@@ -54,6 +54,8 @@ def build_models(cfg: TrainConfig, device: torch.device) -> tuple[SSLModel, SSLM
     from .methods import build_method
 
     backbone = build_backbone(cfg.model, cfg.loader.global_size)
+    if backbone.kind == "convnet" and cfg.run.channels_last:
+        backbone.use_channels_last()
     student, objective = build_method(cfg, backbone)
     student = student.to(device)
     teacher = teacher_from_student(student) if cfg.spec.momentum else None
