@@ -42,13 +42,8 @@ def main() -> None:
 
 def _register() -> None:
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that area has no commands yet
-                continue
-            raise
-        for cmd in getattr(mod, "COMMANDS", []):
+        mod = importlib.import_module(name)
+        for cmd in mod.COMMANDS:
             main.add_command(cmd)
 
 

@@ -179,11 +179,9 @@ def label_section(ds: Dataset) -> str | None:
 
 
 def register() -> bool:
-    """Register both sections with the report; False when the report module is absent."""
-    try:
-        from webcurate.curation.report import register_section
-    except ImportError:
-        return False
+    """Register both sections with ``webcurate report``."""
+    from webcurate.curation.report import register_section
+
     register_section("Labelling functions", lf_section)
     register_section("Pseudo-labels", label_section)
     return True
