@@ -202,6 +202,21 @@ def run_filter(input: str, params: FilterParams | None = None, *, workers: int |
             "shards_skipped": sorted(res.skipped), "seconds": round(res.seconds, 2)}
 
 
+def _filter_ran(ds) -> bool:
+    """Whether ``filter`` ran on ``ds``; a refused filter is an error, not a silent "keep everything"."""
+    from webcurate.shards import global_stage
+
+    entry = global_stage.stage_entry(ds, STAGE)
+    if entry.get("refused"):
+        raise FilterError(f"the `filter` of {ds.root} was refused ({entry['refused']}); re-run "
+                          "`webcurate filter` with other thresholds or --allow-mass-removal")
+    return bool(entry)
+
+
+def _removed(t) -> set[str]:
+    return {k for k, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}
+
+
 def filtered_keys(ds) -> set[str]:
     """Keys the dataset's ``filter`` removed (empty when no filter ran); later stages leave them out.
 
@@ -209,15 +224,10 @@ def filtered_keys(ds) -> set[str]:
     """
     from webcurate.shards import global_stage
 
-    entry = global_stage.stage_entry(ds, STAGE)
-    if not entry:
+    if not _filter_ran(ds):
         return set()
-    if entry.get("refused"):
-        raise FilterError(f"the `filter` of {ds.root} was refused ({entry['refused']}); re-run "
-                          "`webcurate filter` with other thresholds or --allow-mass-removal")
     global_stage.require_complete(ds, STAGE, "filter")
-    t = ds.read_sidecar(STAGE, columns=["key", "keep"])
-    return {k for k, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}
+    return _removed(ds.read_sidecar(STAGE, columns=["key", "keep"]))
 
 
 def removed_in_shard(root: str, shard: int) -> set[str]:
@@ -225,18 +235,12 @@ def removed_in_shard(root: str, shard: int) -> set[str]:
 
     Same rules as ``filtered_keys``: a refused or partial filter is an error.
     """
-    from webcurate.shards import global_stage
     from webcurate.shards.dataset import Dataset
 
     ds = Dataset(root)
-    entry = global_stage.stage_entry(ds, STAGE)
-    if not entry:
+    if not _filter_ran(ds):
         return set()
-    if entry.get("refused"):
-        raise FilterError(f"the `filter` of {root} was refused ({entry['refused']}); re-run "
-                          "`webcurate filter` with other thresholds or --allow-mass-removal")
     if shard not in set(ds.sidecar_completed(STAGE)):
         raise DatasetError(f"`filter` of {root} has no part for shard {shard:05d}; re-run "
                            f"`webcurate filter --input {root}` to finish it")
-    t = ds.read_sidecar_part(STAGE, shard, columns=["key", "keep"])
-    return {k for k, kp in zip(t["key"].to_pylist(), t["keep"].to_pylist()) if not kp}
+    return _removed(ds.read_sidecar_part(STAGE, shard, columns=["key", "keep"]))

@@ -80,6 +80,18 @@ class LabelParams(Params):
 EXPORT_ONLY = ("output", "model", "min_confidence", "per_class_cap", "class_balance")
 
 
+def _number_or_auto(v: Any, lo: float, hi: float, what: str) -> Any:
+    """``"auto"`` as it is, else ``v`` as a float in [lo, hi]; the error says which form was expected."""
+    if isinstance(v, str) and v != "auto":
+        try:
+            v = float(v)
+        except ValueError:
+            raise ValueError(f"expected {what} or auto") from None
+    if not isinstance(v, str) and not lo <= float(v) <= hi:
+        raise ValueError(f"expected {what} or auto, got {v}")
+    return v
+
+
 class SelfTrainParams(Params):
     """``webcurate selftrain`` and the ``selftrain:`` step of ``webcurate run``."""
 
@@ -144,26 +156,12 @@ class SelfTrainParams(Params):
     @field_validator("l2", mode="before")
     @classmethod
     def _l2(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "auto":
-            try:
-                v = float(v)
-            except ValueError:
-                raise ValueError("expected a number >= 0 or auto") from None
-        if not isinstance(v, str) and float(v) < 0:
-            raise ValueError("must be >= 0 or auto")
-        return v
+        return _number_or_auto(v, 0.0, float("inf"), "a number >= 0")
 
     @field_validator("abstain_below", mode="before")
     @classmethod
     def _abstain(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "auto":
-            try:
-                v = float(v)
-            except ValueError:
-                raise ValueError("expected a number in [0, 1] or auto") from None
-        if not isinstance(v, str) and not 0 <= float(v) <= 1:
-            raise ValueError("must be in [0, 1] or auto")
-        return v
+        return _number_or_auto(v, 0.0, 1.0, "a number in [0, 1]")
 
     def record(self) -> dict[str, Any]:
         """What fixes the result: every parameter but where the output goes and how many workers write it."""

@@ -142,6 +142,18 @@ def correlated_groups(n: int, seed: int, K: int = 4, groups: tuple[int, ...] = (
     return _finish(np.stack(cols, axis=1).astype(np.int8), y, pi)
 
 
+def _class_dependent_lf(y: np.ndarray, K: int, rng: np.random.Generator, acc_range: tuple[float, float],
+                        cover_range: tuple[float, float]) -> np.ndarray:
+    """One LF's (n,) votes: per-class accuracy ~ U(acc_range), wrong votes mostly to one class per
+    true class (a sparse Dirichlet confusion row), coverage ~ U(cover_range)."""
+    acc = rng.uniform(*acc_range, size=K)
+    conf = rng.dirichlet(np.full(K, 0.3), size=K)
+    np.fill_diagonal(conf, 0.0)
+    conf /= conf.sum(axis=1, keepdims=True)
+    vote = np.where(rng.random(len(y)) < acc[y], y, _confused(y, K, rng, conf))
+    return np.where(rng.random(len(y)) < rng.uniform(*cover_range), vote, ABSTAIN)
+
+
 def class_dependent(n: int, seed: int, K: int = 5, m: int = 8) -> SyntheticVotes:
     """Accuracy that depends on the true class (0.3-0.95 per LF and class) and systematic
     confusions (each LF's wrong votes go mostly to one class per true class); coverage 0.3-0.7."""
@@ -150,12 +162,7 @@ def class_dependent(n: int, seed: int, K: int = 5, m: int = 8) -> SyntheticVotes
     y = rng.choice(K, size=n, p=pi)
     cols = []
     for _ in range(m):
-        acc = rng.uniform(0.3, 0.95, size=K)
-        conf = rng.dirichlet(np.full(K, 0.3), size=K)
-        np.fill_diagonal(conf, 0.0)
-        conf /= conf.sum(axis=1, keepdims=True)
-        vote = np.where(rng.random(n) < acc[y], y, _confused(y, K, rng, conf))
-        cols.append(np.where(rng.random(n) < rng.uniform(0.3, 0.7), vote, ABSTAIN))
+        cols.append(_class_dependent_lf(y, K, rng, (0.3, 0.95), (0.3, 0.7)))
     return _finish(np.stack(cols, axis=1).astype(np.int8), y, pi)
 
 
@@ -183,12 +190,7 @@ def mixed(n: int, seed: int, K: int = 5) -> SyntheticVotes:
         own = np.where(rng.random(n) < 0.6, y, _confused(y, K, rng, None))
         cols.append(np.where(g_cover & (rng.random(n) < 0.9), np.where(rng.random(n) < 0.8, shared, own), ABSTAIN))
     for _ in range(3):  # class-dependent accuracy, systematic confusions
-        acc = rng.uniform(0.3, 0.9, size=K)
-        conf = rng.dirichlet(np.full(K, 0.3), size=K)
-        np.fill_diagonal(conf, 0.0)
-        conf /= conf.sum(axis=1, keepdims=True)
-        vote = np.where(rng.random(n) < acc[y], y, _confused(y, K, rng, conf))
-        cols.append(np.where(rng.random(n) < rng.uniform(0.05, 0.4), vote, ABSTAIN))
+        cols.append(_class_dependent_lf(y, K, rng, (0.3, 0.9), (0.05, 0.4)))
     return _finish(np.stack(cols, axis=1).astype(np.int8), y, pi)
 
 
