@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORK = os.path.join(HERE, "_work")
 I2D_VENV = os.path.join(WORK, "img2dataset-venv")
+I2D_VERSION = "1.47.0"  # pinned: the results name this version
 SERVER = os.path.join(REPO, "tests", "shards", "http_server.py")
 
 
@@ -56,12 +57,13 @@ def ensure_img2dataset() -> str:
         subprocess.run([base, "-m", "venv", I2D_VENV], check=True)
         pip = os.path.join(I2D_VENV, "bin", "pip")
         # img2dataset needs no torch; --dry-run first so a dependency that wanted one is caught.
-        report = subprocess.run([pip, "install", "--dry-run", "--quiet", "--report", "-", "img2dataset"],
+        spec = f"img2dataset=={I2D_VERSION}"
+        report = subprocess.run([pip, "install", "--dry-run", "--quiet", "--report", "-", spec],
                                 capture_output=True, text=True, check=True).stdout
         wanted = [p["metadata"]["name"].lower() for p in json.loads(report)["install"]]
         if any(n in ("torch", "torchvision") or n.startswith("nvidia-") for n in wanted):
             raise SystemExit(f"img2dataset would pull torch/CUDA packages: {wanted}; install it with --no-deps")
-        subprocess.run([pip, "install", "--quiet", "img2dataset"], check=True)
+        subprocess.run([pip, "install", "--quiet", spec], check=True)
     return exe
 
 
@@ -276,6 +278,7 @@ def main() -> None:
             if cluster is not None:
                 order.insert(1, "webcurate_warm")
             for tool in order:
+                load = os.getloadavg()[0]  # 1-min load just before the run: other work on the cores shows here
                 if tool == "img2dataset" and i2d:
                     r = run_img2dataset(i2d, url_list, os.path.join(run_dir, "out-img2dataset"), args.shard_size,
                                         os.path.join(run_dir, f"img2dataset-{rep}.log"))
@@ -287,8 +290,10 @@ def main() -> None:
                                       os.path.join(run_dir, f"webcurate-warm-{rep}.log"), cluster=cluster)
                 else:
                     continue
+                r["load_before"] = load
                 results[tool].append(r)
-                print(f"{tool:12s} run {rep}: {r['ok']} ok in {r['seconds']:.1f}s = {r['ok'] / r['seconds']:.1f} img/s, "
+                print(f"{tool:12s} run {rep} (load before {load:.2f}): {r['ok']} ok in {r['seconds']:.1f}s = "
+                      f"{r['ok'] / r['seconds']:.1f} img/s, "
                       f"{1000 * r['cpu_seconds'] / max(r['ok'], 1):.1f} CPU-ms/img", flush=True)
         if not args.skip_folder:
             r = run_webcurate(folder, os.path.join(run_dir, "out-folder"), args.shard_size,
@@ -309,7 +314,7 @@ def main() -> None:
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, load average now "
           f"{os.getloadavg()[0]:.1f}; python {platform.python_version()}")
-    print(f"{'tool':28s} {'ok':>6s} {'seconds':>8s} {'img/s':>8s} {'CPU-ms/img':>11s} {'MB out':>8s}")
+    print(f"{'tool':34s} {'ok':>6s} {'seconds':>8s} {'img/s':>8s} {'CPU-ms/img':>11s} {'MB out':>8s}")
     rows = [("img2dataset " + (pkg_version(os.path.join(I2D_VENV, 'bin', 'python'), 'img2dataset') if i2d else ''),
              best("img2dataset")),
             ("webcurate shard (URLs)", best("webcurate")),
@@ -317,7 +322,7 @@ def main() -> None:
             ("webcurate shard (folder)", best("webcurate_folder"))]
     for name, r in rows:
         if r:
-            print(f"{name:28s} {r['ok']:6d} {r['seconds']:8.1f} {r['ok'] / r['seconds']:8.1f} "
+            print(f"{name:34s} {r['ok']:6d} {r['seconds']:8.1f} {r['ok'] / r['seconds']:8.1f} "
                   f"{1000 * r['cpu_seconds'] / max(r['ok'], 1):11.1f} {r['tar_bytes'] / 1e6:8.1f}")
     w, i = best("webcurate"), best("img2dataset")
     for label, r in (("", w), (" (warm Ray)", best("webcurate_warm"))):
