@@ -18,22 +18,21 @@ records, 10,000 rows a part):
   in the child process, so both paths run unmodified.
 
 Each path runs in its own child process; a sampler reads ``/proc`` every
-0.2 s for the child and all its descendants (Ray's raylet, GCS and worker
-processes): peak RSS (``VmHWM``) and private memory (``RssAnon``) per
-process, CPU seconds per process, attributed to the Ray task running in it
-(the worker's process title ``ray::webcurate:<step>``). The driver's peak is
-also its own ``ru_maxrss``.
+0.2 s for it and all its descendants (Ray's raylet, GCS, workers): peak RSS
+(``VmHWM``) and private memory (``RssAnon``) per process, and CPU seconds
+attributed to the Ray step running in each worker (its title
+``ray::webcurate:<step>``). The driver's peak is also its ``ru_maxrss``.
 
 Data (the model of bench/dedup_1m.py): N - P vectors around 2,000 random
-"concept" centres (cosine ~0.25 inside a concept), plus P = N/20 planted
-copies of random base vectors at cosine uniform in [0.65, 0.98]. Recall: a
-planted pair counts when both ends share a kept sample; precision: removed
-samples that are planted members; agreement: rows where old and new name
-the same kept sample.
+concept centres (cosine ~0.25 inside a concept) plus P = N/20 planted copies
+at cosine uniform in [0.65, 0.98]. Recall: planted pairs whose ends share a
+kept sample; precision: removed samples that are planted members;
+agreement: rows for which old and new name the same kept sample.
 
     .venv/bin/python bench/curation_scale.py                       # 1M, both paths
     .venv/bin/python bench/curation_scale.py --sizes 1000000,4000000 --paths old,new
     .venv/bin/python bench/curation_scale.py --quick               # 50k
+    .venv/bin/python bench/curation_scale.py --project runs.jsonl  # 1 B on paper from the --json runs
 """
 from __future__ import annotations
 
@@ -254,25 +253,20 @@ class Sampler:
 
 def child_main(argv: list[str]) -> None:
     """In the child: run one path's run_dedup on ``root``; prints one JSON line."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("path")
-    ap.add_argument("root")
-    ap.add_argument("--k", type=int)
-    ap.add_argument("--threshold", type=float)
-    ap.add_argument("--memory-per-task")
-    a = ap.parse_args(argv)
     import resource
+
+    path, root, k, threshold, memory = argv[0], argv[1], int(argv[2]), float(argv[3]), argv[4]
 
     from webcurate.curation import dedup
 
     t = time.time()
-    if a.path == "old":
-        res = dedup.run_dedup(a.root, method="copy", k=a.k, threshold=a.threshold, summary=False)
+    if path == "old":
+        res = dedup.run_dedup(root, method="copy", k=k, threshold=threshold, summary=False)
         info = {"counts": res["counts"], "timings": res.get("timings"), "edges": res.get("edges"),
                 "index": res.get("index")}
     else:
-        res = dedup.run_dedup(a.root, method="copy", k=a.k, threshold=a.threshold, summary=False,
-                              resources={"memory_per_task": a.memory_per_task})
+        res = dedup.run_dedup(root, method="copy", k=k, threshold=threshold, summary=False,
+                              resources={"memory_per_task": memory})
         info = {"counts": res.totals, **{k: v for k, v in res.info.items() if isinstance(v, (int, float, str))}}
     wall = time.time() - t
     print("RESULT " + json.dumps({"wall": wall, "module": dedup.__file__, "info": info,
@@ -287,8 +281,8 @@ def run_path(path: str, root: str, args, work: str, deadline: float) -> dict:
     if path == "old":
         env["PYTHONPATH"] = old_package(work, args.old_commit)
     log = os.path.join(work, f"{os.path.basename(root)}_{path}.log")
-    cmd = [sys.executable, os.path.abspath(__file__), "_child", path, root, "--k", str(args.k),
-           "--threshold", str(args.threshold), "--memory-per-task", args.memory_per_task]
+    cmd = [sys.executable, os.path.abspath(__file__), "_child", path, root, str(args.k), str(args.threshold),
+           args.memory_per_task]
     load0 = os.getloadavg()[0]
     t = time.time()
     with open(log, "w") as out:
@@ -377,8 +371,7 @@ def quality(keeper: np.ndarray, pairs: dict) -> dict:
 
 # -- report --------------------------------------------------------------------------------------------
 
-def fmt_gib(b: float) -> str:
-    return f"{b / GIB:.2f} GiB"
+fmt_gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
 
 
 def table(n: int, runs: dict[str, dict]) -> list[str]:
@@ -434,14 +427,22 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "_work", "curation_scale"))
     ap.add_argument("--deadline", default=None, help="UTC HH:MM: a run still going then is killed")
     ap.add_argument("--json", default=None, help="append each run's figures as a JSON line to this file")
+    ap.add_argument("--project", default=None, metavar="JSONL", help="only print the 1B-on-paper model "
+                    "calibrated on the runs in this file (bench/_curation_scale_model.py)")
     args = ap.parse_args()
+    if args.project:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _curation_scale_model import project
+
+        print("\n".join(project(args.project, dim=args.dim)))
+        return
     sizes = [50_000] if args.quick else [int(s) for s in (args.sizes or str(args.n)).split(",")]
     paths = [p for p in args.paths.split(",") if p]
     deadline = float("inf")
-    if args.deadline:
+    if args.deadline:  # today, UTC
         hh, mm = map(int, args.deadline.split(":"))
-        now = time.gmtime()
-        deadline = time.time() + ((hh * 60 + mm) - (now.tm_hour * 60 + now.tm_min)) * 60 - now.tm_sec
+        deadline = time.mktime(time.strptime(time.strftime("%Y-%m-%d", time.gmtime()) + f" {hh}:{mm}",
+                                             "%Y-%m-%d %H:%M")) - time.timezone
     os.makedirs(args.workdir, exist_ok=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()

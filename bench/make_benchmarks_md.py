@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-ORDER = ["ingest", "curation_dedup", "curation_kmeans", "loader", "train", "labeling", "jobs"]
+ORDER = ["ingest", "curation_dedup", "curation_kmeans", "curation_scale", "loader", "train", "labeling", "jobs"]
 
 HEADER = """# Benchmarks
 
