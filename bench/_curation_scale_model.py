@@ -1,4 +1,6 @@
-"""The distributed copy-dedup's cost model, calibrated on measured runs (used by bench/curation_scale.py).
+"""Tables, targets and the 1 B cost model of bench/curation_scale.py, from its --json runs.
+
+The cost model of the distributed copy-dedup, calibrated on measured runs:
 
 Every step's CPU seconds (as sampled per Ray step) are divided by the work
 the step does, in the units of its algorithm, and the per-unit cost is
@@ -46,7 +48,8 @@ def group(cpu_by_step: dict[str, float]) -> dict[str, float]:
 
 def load_runs(path: str) -> list[dict]:
     runs = [json.loads(ln) for ln in open(path) if ln.strip()]
-    return [r for r in runs if "error" not in r]
+    latest = {(r["n"], r["path"]): r for r in runs if "error" not in r and r["path"] != "agreement"}
+    return list(latest.values())
 
 
 def calibrate(runs: list[dict]) -> dict[str, tuple[float, float]]:
@@ -89,6 +92,10 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
         pred = predict(cost, r["n"], r["info"]["nlist"], r["info"]["waves"])
         out.append(f"| {r['n']:,} | " + " | ".join(f"{got.get(s, 0):.0f} / {pred[s]:.0f}" for s in sorted(cost))
                    + " |")
+    for m in (4e6,):  # on this machine: 2 cores, the waves of its object store as measured at the largest N
+        here = sum(predict(cost, m, nlist_of(m), math.ceil(ref["info"]["waves"] * m / ref["n"])).values())
+        out += ["", f"This machine at N = {m:,.0f}: {here:,.0f} CPU-s predicted, about {here / 2 / 60:.0f} min on "
+                    "its 2 cores (why 4M did not fit the 13-minute slot)."]
     nl = nlist_of(n)
     waves = max(1, math.ceil(3 * n * dim * 2 / (0.3 * store_gib * GIB)))
     pred = predict(cost, n, nl, waves)
@@ -126,3 +133,75 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
             f"train cells {gemm_train / 60:.1f} min on one GPU (vs {pred.get('train cells', 0) / h:.1f} h on "
             f"one core)"]
     return out
+
+
+# -- tables and targets --------------------------------------------------------------------------------------------
+
+fmt_gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+
+
+def table(n: int, runs: dict[str, dict]) -> list[str]:
+    cols = [p for p in ("old", "new") if p in runs]
+    out = [f"| N = {n:,} x {runs[cols[0]].get('dim', 384)} | " + " | ".join(cols) +
+           (" | new / old |" if len(cols) == 2 else " |"),
+           "|---|" + "---|" * (len(cols) + (len(cols) == 2))]
+
+    def row(name: str, key, fmt, ratio: bool = True) -> None:
+        vals = [runs[c].get(key) if isinstance(key, str) else key(runs[c]) for c in cols]
+        cells = [fmt(v) if v is not None else "-" for v in vals]
+        r = ""
+        if len(cols) == 2:
+            r = f" {vals[1] / vals[0]:.2f}x |" if ratio and vals[0] and vals[1] is not None else " |"
+        out.append(f"| {name} | " + " | ".join(cells) + " |" + r)
+
+    if any("error" in runs[c] for c in cols):
+        out.append("| error | " + " | ".join(runs[c].get("error", "") for c in cols) + " |")
+        cols = [c for c in cols if "error" not in runs[c]]
+        if not cols:
+            return out
+    row("dedup wall (run_dedup call)", "wall", lambda v: f"{v:.1f} s")
+    row("CPU-s of the process tree (sampled)", "cpu", lambda v: f"{v:.0f}")
+    row("planted-pair recall", "recall", lambda v: f"{v:.4f}", False)
+    row("recall, pairs at cosine < 0.8", "recall_lo", lambda v: f"{v:.4f}", False)
+    row("precision (removed are planted)", "precision", lambda v: f"{v:.4f}", False)
+    row("removed", "removed", lambda v: f"{v:,}")
+    row("driver peak RSS", "driver_peak", fmt_gib)
+    row("largest task peak RSS (VmHWM)", lambda r: r.get("task_peak") or None, fmt_gib, False)
+    row("largest task private (RssAnon)", lambda r: r.get("task_anon") or None, fmt_gib, False)
+    row("whole tree peak (private + object store)", "tree_peak", fmt_gib)
+    row("load average before / after", lambda r: f"{r['load_before']:.1f} / {r['load_after']:.1f}",
+        str, False)
+    if "agreement" in runs.get("new", {}):
+        out.append(f"| rows whose kept sample is the same in both | | | {runs['new']['agreement']:.5f} |")
+    return out
+
+
+def report(path: str, dim: int) -> list[str]:
+    """Markdown from a --json file: the side-by-side table per N, the targets, the 1 B model."""
+    by_n: dict[int, dict[str, dict]] = {}
+    for ln in open(path):
+        r = json.loads(ln)
+        by_n.setdefault(r["n"], {})[r["path"]] = r  # the latest run of each (N, path)
+    out = []
+    for n, runs in sorted(by_n.items()):
+        if "agreement" in runs and "new" in runs:
+            runs["new"]["agreement"] = runs.pop("agreement")["agreement"]
+        runs.pop("agreement", None)
+        out += table(n, runs) + [""]
+    ok = {n: r for n, r in by_n.items() if "error" not in r.get("new", {"error": 1})}
+    both = {n: r for n, r in ok.items() if "error" not in r.get("old", {"error": 1})}
+    if 1_000_000 in both:
+        o, w = both[1_000_000]["old"], both[1_000_000]["new"]
+        out.append(f"- time at 1M: new / old = {w['wall'] / o['wall']:.2f}x (target <= 1.2x): "
+                   f"{'met' if w['wall'] <= 1.2 * o['wall'] else 'missed'}")
+        out.append(f"- recall at 1M: new {w['recall']:.4f} vs old {o['recall']:.4f} (target: the same): "
+                   f"{'met' if w['recall'] >= o['recall'] - 0.001 else 'missed'}")
+    if 4_000_000 in ok:
+        d = ok[4_000_000]["new"]["driver_peak"]
+        out.append(f"- driver peak at 4M (measured): {d / GIB:.2f} GiB (target <= 1 GiB): "
+                   f"{'met' if d <= GIB else 'missed'}")
+    elif len(ok) > 1:
+        a, b = fit_line([float(n) for n in ok], [float(r["new"]["driver_peak"]) for r in ok.values()])
+        out.append(f"- driver peak at 4M (NOT measured; the line through N = {', '.join(f'{n:,}' for n in ok)}): "
+                   f"{(a + b * 4e6) / GIB:.2f} GiB (target <= 1 GiB)")
+    return out + ["", *project(path, dim=dim)]

@@ -50,7 +50,6 @@ import numpy as np
 
 OLD_COMMIT = "df37792"  # the parent of the curation redesign (46b0dd3)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = float(1 << 30)
 SHARD = 10_000
 
 
@@ -369,47 +368,6 @@ def quality(keeper: np.ndarray, pairs: dict) -> dict:
             "precision": float(member[removed].mean()) if removed.any() else 1.0, "removed": int(removed.sum())}
 
 
-# -- report --------------------------------------------------------------------------------------------
-
-fmt_gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-
-
-def table(n: int, runs: dict[str, dict]) -> list[str]:
-    cols = [p for p in ("old", "new") if p in runs]
-    out = [f"| N = {n:,} x {runs[cols[0]].get('dim', 384)} | " + " | ".join(cols) +
-           (" | new / old |" if len(cols) == 2 else " |"),
-           "|---|" + "---|" * (len(cols) + (len(cols) == 2))]
-
-    def row(name: str, key, fmt, ratio: bool = True) -> None:
-        vals = [runs[c].get(key) if isinstance(key, str) else key(runs[c]) for c in cols]
-        cells = [fmt(v) if v is not None else "-" for v in vals]
-        r = ""
-        if len(cols) == 2:
-            r = f" {vals[1] / vals[0]:.2f}x |" if ratio and vals[0] and vals[1] is not None else " |"
-        out.append(f"| {name} | " + " | ".join(cells) + " |" + r)
-
-    if any("error" in runs[c] for c in cols):
-        out.append("| error | " + " | ".join(runs[c].get("error", "") for c in cols) + " |")
-        cols = [c for c in cols if "error" not in runs[c]]
-        if not cols:
-            return out
-    row("dedup wall (run_dedup call)", "wall", lambda v: f"{v:.1f} s")
-    row("CPU-s of the process tree (sampled)", "cpu", lambda v: f"{v:.0f}")
-    row("planted-pair recall", "recall", lambda v: f"{v:.4f}", False)
-    row("recall, pairs at cosine < 0.8", "recall_lo", lambda v: f"{v:.4f}", False)
-    row("precision (removed are planted)", "precision", lambda v: f"{v:.4f}", False)
-    row("removed", "removed", lambda v: f"{v:,}")
-    row("driver peak RSS", "driver_peak", fmt_gib)
-    row("largest task peak RSS (VmHWM)", lambda r: r.get("task_peak") or None, fmt_gib, False)
-    row("largest task private (RssAnon)", lambda r: r.get("task_anon") or None, fmt_gib, False)
-    row("whole tree peak (private + object store)", "tree_peak", fmt_gib)
-    row("load average before / after", lambda r: f"{r['load_before']:.1f} / {r['load_after']:.1f}",
-        str, False)
-    if "agreement" in runs.get("new", {}):
-        out.append(f"| rows whose kept sample is the same in both | | | {runs['new']['agreement']:.5f} |")
-    return out
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child_main(sys.argv[2:])
@@ -425,24 +383,24 @@ def main() -> None:
     ap.add_argument("--memory-per-task", default="2GiB", help="new path: --memory-per-task")
     ap.add_argument("--old-commit", default=OLD_COMMIT)
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "_work", "curation_scale"))
-    ap.add_argument("--deadline", default=None, help="UTC HH:MM: a run still going then is killed")
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM[:SS]: a run still going then is killed")
     ap.add_argument("--json", default=None, help="append each run's figures as a JSON line to this file")
     ap.add_argument("--project", default=None, metavar="JSONL", help="only print the 1B-on-paper model "
                     "calibrated on the runs in this file (bench/_curation_scale_model.py)")
     args = ap.parse_args()
-    if args.project:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _curation_scale_model import project
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _curation_scale_model import report, table
 
-        print("\n".join(project(args.project, dim=args.dim)))
+    if args.project:
+        print("\n".join(report(args.project, args.dim)))
         return
     sizes = [50_000] if args.quick else [int(s) for s in (args.sizes or str(args.n)).split(",")]
     paths = [p for p in args.paths.split(",") if p]
     deadline = float("inf")
     if args.deadline:  # today, UTC
-        hh, mm = map(int, args.deadline.split(":"))
-        deadline = time.mktime(time.strptime(time.strftime("%Y-%m-%d", time.gmtime()) + f" {hh}:{mm}",
-                                             "%Y-%m-%d %H:%M")) - time.timezone
+        hms = (args.deadline + ":00")[:8]
+        deadline = time.mktime(time.strptime(time.strftime("%Y-%m-%d ", time.gmtime()) + hms,
+                                             "%Y-%m-%d %H:%M:%S")) - time.timezone
     os.makedirs(args.workdir, exist_ok=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
@@ -470,6 +428,9 @@ def main() -> None:
                     f.write(json.dumps({**runs[path], "commit": commit}, default=str) + "\n")
         if len(keep) == 2:
             runs["new"]["agreement"] = float((keep["old"] == keep["new"]).mean())
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"path": "agreement", "n": n, "agreement": runs["new"]["agreement"]}) + "\n")
         print("\n" + "\n".join(table(n, runs)) + "\n", flush=True)
 
 
