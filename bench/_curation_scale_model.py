@@ -132,6 +132,15 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
             f"kNN scan {scan_s / h:,.0f} GPU-h -> {scan_s / gpus / h:.2f} h; assign {gemm_assign / h:.1f} GPU-h; "
             f"train cells {gemm_train / 60:.1f} min on one GPU (vs {pred.get('train cells', 0) / h:.1f} h on "
             f"one core)"]
+    info = ref["info"]
+    if info.get("groups") and info.get("largest_task_bytes"):
+        db = ref["n"] / info["groups"]
+        rows = info["largest_task_bytes"] / (4 * dim) - db  # held = all its rows + its database, float32
+        out.append(f"- measured at N = {ref['n']:,}: {info['groups']} groups of ~{nlist_of(ref['n']) / info['groups']:.0f}"
+                   f" cells; the largest group held {rows:,.0f} rows for ~{db:,.0f} database rows "
+                   f"({rows / db:.1f}x; knn_graph budgets 3x). At {n:,.0f} a {task_gib:g} GiB group holds "
+                   f"~{budget_rows / 3 / (n / nl):.0f} cells of {n / nl:,.0f} rows (nprobe = 10: a query's cells can lie in "
+                   "up to 10 groups)")
     return out
 
 
