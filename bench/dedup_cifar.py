@@ -3,37 +3,50 @@
 Planted: ``--planted`` random train photos get one near-duplicate each
 (cycling: JPEG re-encode at quality 40, a 3-pixel crop on every side, a
 resize to 24x24), added to the split. Everything goes through the product:
-shards written with ShardWriter, ``run_embed`` (Ray Data actor pool) with a
-**random-init** ``convnext_atto`` (no backbone of our own training was
-available when this was written; say so when quoting the numbers), then
-copy dedup.
+shards written with ShardWriter, ``run_embed`` (Ray Data actor pool; a
+``webcurate train`` backbone with ``--checkpoint``, else a **random-init**
+``convnext_atto`` -- say which when quoting the numbers), then copy dedup.
 
-Side by side in one run, the same kNN graph (k=64) + union-find at several
-cosine thresholds, on:
+Side by side in one run, the product's kNN graph (``knn_edges_array``, k=64)
++ connected components (``components``) at several cosine thresholds, on:
 
 - ours: the model's embeddings (``webcurate embed``);
 - peer: raw-pixel vectors (the 32x32x3 image, mean-removed, L2-normalised),
-  the usual no-model baseline for near-duplicates;
+  the usual no-model baseline for near-duplicates and the pixel-level
+  ("perceptual") signal the product has no stage for;
 - and exact sha256 (``--method exact``), which finds none of the planted copies.
+
+Combinations (issue 13: "pixel-level hashes (exact + perceptual) with
+embeddings"): the product's dedup runs exact sha256 first, then the
+embedding graph (``--method copy``); it has no perceptual-hash step. What one
+would add is measured on the union of the two kNN graphs' edges, each edge
+with both cosines: pixels OR embeddings, pixels AND embeddings, and the mean
+of the two cosines (= the cosine of the concatenated, block-normalised
+vectors, which ``dedup --method copy`` would run as is). These rows are the
+product's graph + components on candidate edges, not a product stage.
 
 A planted pair counts as found when the copy and its original end in one
 component. Precision = planted members among removed samples (CIFAR-10 has a
 few natural near-duplicates of its own, which count against it). Finally
-``run_dedup`` runs end to end at the best threshold for ours.
+``run_dedup`` runs end to end twice: at the threshold ``embed`` calibrated
+(``--threshold auto``, what a user gets) and at the best threshold for ours.
 
     .venv/bin/python bench/dedup_cifar.py            # 50k + 2000 planted
     .venv/bin/python bench/dedup_cifar.py --quick    # 5k + 250
+    .venv/bin/python bench/dedup_cifar.py --checkpoint RUN/backbone.safetensors
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import io
+import json
 import os
 import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -107,62 +120,112 @@ def pixel_vectors(items: list[tuple[str, bytes, str]]) -> np.ndarray:
     return x
 
 
-def pair_scores(x: np.ndarray, orig: np.ndarray, copy: np.ndarray, kinds: np.ndarray, thresholds: list[float],
-                k: int) -> list[dict]:
-    """Planted-pair precision / recall of kNN-graph components at each threshold."""
-    from webcurate.curation.unionfind import connected_components
-    from webcurate.curation.vectors import knn_edges
+THRESHOLDS = [0.6, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
+# Combinations only look at edges above this on one side (below it no rule here can pass).
+COMBO_FLOOR = 0.8
+PIXEL_AND = [0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+MEAN_T = [0.85, 0.9, 0.92, 0.94, 0.96, 0.98]
+TARGET_PRECISION, TARGET_RECALL = 0.9, 0.8
 
-    n = len(x)
-    src, dst, sim = knn_edges(x, k, min(thresholds), desc=None)
-    planted = np.zeros(n, bool)
-    planted[orig] = planted[copy] = True
-    out = []
-    for t in thresholds:
-        m = sim > t
-        labels = connected_components(n, src[m], dst[m])
-        found = labels[orig] == labels[copy]
-        # Removed = every component member but one.
-        sizes = np.bincount(labels, minlength=n)
-        in_group = sizes[labels] > 1
-        removed = int(in_group.sum() - (sizes > 1).sum())
-        extra = int((in_group & ~planted).sum())
-        tp = int(found.sum())
-        precision = tp / removed if removed else 1.0
-        by_kind = {kd: float(found[kinds == kd].mean()) for kd in VARIANTS}
-        out.append({"threshold": t, "recall": found.mean(), "precision": min(precision, 1.0),
-                    "removed": removed, "non_planted_in_groups": extra, "tp": tp, "by_kind": by_kind})
+
+@dataclass
+class Truth:
+    """Positions of the planted copies, their originals and kinds, and which samples are planted."""
+
+    orig: np.ndarray
+    copy: np.ndarray
+    kinds: np.ndarray
+    planted: np.ndarray
+
+
+def score(n: int, src: np.ndarray, dst: np.ndarray, keep: np.ndarray, truth: Truth) -> dict:
+    """Planted-pair recall / precision of the connected components of the edges ``keep``."""
+    from webcurate.curation.components import components
+
+    _, labels = components(src[keep], dst[keep], extra_nodes=np.arange(n))  # nodes = 0..n-1
+    found = labels[truth.orig] == labels[truth.copy]
+    sizes = np.bincount(labels, minlength=n)
+    in_group = sizes[labels] > 1
+    removed = int(in_group.sum() - (sizes > 1).sum())  # every component member but one
+    tp = int(found.sum())
+    return {"recall": float(found.mean()), "precision": min(tp / removed, 1.0) if removed else 1.0,
+            "removed": removed, "non_planted_in_groups": int((in_group & ~truth.planted).sum()), "tp": tp,
+            "by_kind": {kd: float(found[truth.kinds == kd].mean()) for kd in VARIANTS}}
+
+
+def f1(r: dict) -> float:
+    return 2 * r["precision"] * r["recall"] / max(r["precision"] + r["recall"], 1e-9)
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The most precise row at recall >= the target, else the best F1."""
+    ok = [r for r in rows if r["recall"] >= TARGET_RECALL]
+    return max(ok, key=lambda r: (r["precision"], r["recall"])) if ok else max(rows, key=f1)
+
+
+def edge_cosines(x: np.ndarray, src: np.ndarray, dst: np.ndarray, chunk: int = 32768) -> np.ndarray:
+    """Cosine of each edge's two (normalised) vectors."""
+    out = np.empty(len(src), np.float32)
+    for i in range(0, len(src), chunk):
+        out[i:i + chunk] = np.einsum("ij,ij->i", x[src[i:i + chunk]], x[dst[i:i + chunk]])
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--originals", type=int, default=None, help="train photos used (default: all 50,000)")
-    ap.add_argument("--planted", type=int, default=2000, help="near-duplicates planted")
-    ap.add_argument("--model", default="convnext_atto")
-    ap.add_argument("--checkpoint", default=None,
-                    help="embed with this `webcurate train` checkpoint/export instead of random-init weights")
-    ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="5,000 photos + 250 planted")
-    ap.add_argument("--cifar", default=CIFAR)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    if args.quick:
-        args.originals, args.planted = 5000, 250
-    os.environ.setdefault("WEBCURATE_QUIET", "1")
+def combinations(n: int, g_emb: tuple, g_pix: tuple, x_emb: np.ndarray, x_pix: np.ndarray, truth: Truth) -> list[dict]:
+    """Pixels OR / AND embeddings and the mean cosine, on the union of both graphs' edges above COMBO_FLOOR."""
+    codes = [s[c > COMBO_FLOOR] * n + d[c > COMBO_FLOOR] for s, d, c in (g_emb, g_pix)]
+    code = np.unique(np.concatenate(codes))
+    src, dst = code // n, code % n
+    ce, cp = edge_cosines(x_emb, src, dst), edge_cosines(x_pix, src, dst)
+    rules = [("pixels OR embeddings", a, b, (cp > a) | (ce > b)) for a in (0.95, 0.97, 0.98) for b in THRESHOLDS[1:]]
+    rules += [("pixels AND embeddings", a, b, (cp > a) & (ce > b)) for a in PIXEL_AND for b in THRESHOLDS[1:]]
+    rules += [("mean of both cosines", t, t, (cp + ce) / 2 > t) for t in MEAN_T]
+    out = []
+    for rule, a, b, keep in rules:
+        out.append({"rule": rule, "pixel_threshold": a, "emb_threshold": b, **score(n, src, dst, keep, truth)})
+    return out
 
-    from webcurate.curation.dedup import run_dedup
-    from webcurate.curation.embed import run_embed
-    from webcurate.curation.vectors import read_embeddings
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats on both precision and recall, by recall."""
+    keep = [r for r in rows if not any(o["precision"] >= r["precision"] and o["recall"] >= r["recall"]
+                                       and (o["precision"], o["recall"]) != (r["precision"], r["recall"]) for o in rows)]
+    return sorted(keep, key=lambda r: r["recall"])
+
+
+def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int) -> dict:
+    """``run_dedup`` (copy) at ``threshold`` through the product; planted-pair recall and precision from its sidecar."""
+    from webcurate.curation.dedup import MassRemovalError, run_dedup
+    from webcurate.shards.dataset import Dataset
     from webcurate.shards.keys import make_key
 
     t = time.time()
-    items = read_train(args.cifar, args.originals)
+    try:
+        res = run_dedup(root, method="copy", k=k, threshold=threshold, summary=False)
+    except MassRemovalError as e:
+        return {"refused": str(e).splitlines()[0], "seconds": time.time() - t}
+    secs = time.time() - t
+    table = Dataset(root).read_sidecar("dedup", columns=["key", "keep", "duplicate_of"])
+    keep = dict(zip(table["key"].to_pylist(), table["keep"].to_pylist()))
+    dup = dict(zip(table["key"].to_pylist(), table["duplicate_of"].to_pylist()))
+
+    def keeper(i: int) -> str:
+        key = make_key(names[i])
+        return key if keep[key] else dup[key]
+
+    found = np.array([keeper(o) == keeper(c) for o, c in zip(truth.orig, truth.copy)])
+    removed = int(res.totals.get("removed", 0))
+    return {"threshold": res.info.get("threshold"), "source": res.info.get("threshold_source"),
+            "index": res.info.get("index"), "removed": removed, "recall": float(found.mean()),
+            "precision": min(int(found.sum()) / removed, 1.0) if removed else 1.0,
+            "by_kind": {kd: float(found[truth.kinds == kd].mean()) for kd in VARIANTS}, "seconds": secs}
+
+
+def plant(items: list, planted: int) -> tuple[list, Truth]:
+    """Append one near-duplicate of ``planted`` random photos, shuffle; the items and where the pairs are."""
     n0 = len(items)
     rng = np.random.default_rng(1)
-    src_idx = np.sort(rng.choice(n0, args.planted, replace=False))
-    for j, i in enumerate(src_idx):
+    for j, i in enumerate(np.sort(rng.choice(n0, planted, replace=False))):
         name, data, cls = items[i]
         kind = VARIANTS[j % len(VARIANTS)]
         items.append((f"planted/{kind}/{name}", near_duplicate(data, kind), cls))
@@ -170,82 +233,136 @@ def main() -> None:
     perm = np.random.default_rng(2).permutation(len(items))
     items = [items[i] for i in perm]
     pos = {name: i for i, (name, _, _) in enumerate(items)}
-    copies = sorted((n for n, _, _ in items if n.startswith("planted/")))
+    copies = sorted(n for n, _, _ in items if n.startswith("planted/"))
+    is_planted = np.zeros(len(items), bool)
     copy = np.array([pos[c] for c in copies], dtype=np.int64)
     orig = np.array([pos[c.split("/", 2)[2]] for c in copies], dtype=np.int64)
-    kinds = np.array([c.split("/", 2)[1] for c in copies])
-    print(f"# dedup_cifar: {n0:,} CIFAR-10 train photos + {args.planted:,} planted near-duplicates "
-          f"({', '.join(VARIANTS)}); read in {time.time() - t:.1f}s")
+    is_planted[copy] = is_planted[orig] = True
+    return items, Truth(orig, copy, np.array([c.split("/", 2)[1] for c in copies]), is_planted)
 
+
+def fmt(r: dict) -> str:
+    bk = " / ".join(f"{r['by_kind'][kd]:.2f}" for kd in VARIANTS)
+    return f"{r['recall']:.3f} | {bk} | {r['precision']:.3f} | {r['removed']:,}"
+
+
+def embed_pool(root: str, items: list, args) -> tuple[np.ndarray, str, dict]:
+    """The pool's embeddings in ``items`` order through ``run_embed``; (vectors, label, embed stage record)."""
+    from webcurate.curation.embed import manifest_info, run_embed
+    from webcurate.curation.embedding_parts import read_embeddings
+    from webcurate.shards.keys import make_key
+
+    t = time.time()
+    res = run_embed(root, args.model, random_init=args.checkpoint is None, checkpoint=args.checkpoint,
+                    image_size=args.image_size, batch_size=256, summary=False)
+    secs = time.time() - t
+    info = manifest_info(root)
+    label = f"ours: {res.info.get('model')} ({'checkpoint' if args.checkpoint else 'random-init'})"
+    print(f"embed ({res.info.get('model')}, {args.checkpoint or 'RANDOM-INIT weights'}, "
+          f"{res.info.get('image_size')}px, {res.info.get('dim')}-d): {secs:.1f}s, {len(items) / secs:.0f} images/s, "
+          f"totals {res.totals}")
+    print(f"embedding health: {info.get('health')}")
+    print(f"copy-threshold calibration (embed): {info.get('calibration')}")
+    emb = read_embeddings(root)
+    key_pos = {k: i for i, k in enumerate(emb.keys)}
+    order = np.array([key_pos[make_key(n)] for n, _, _ in items])
+    return np.ascontiguousarray(emb.vectors[order]), label, {"seconds": secs, **info}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--originals", type=int, default=None, help="train photos used (default: all 50,000)")
+    ap.add_argument("--planted", type=int, default=2000, help="near-duplicates planted")
+    ap.add_argument("--model", default="convnext_atto", help="timm architecture of the random-init run")
+    ap.add_argument("--checkpoint", default=None,
+                    help="embed with this `webcurate train` checkpoint/export instead of random-init weights")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="5,000 photos + 250 planted")
+    ap.add_argument("--cifar", default=CIFAR)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None, help="also write every row to this JSON file")
+    args = ap.parse_args()
+    if args.quick:
+        args.originals, args.planted = 5000, 250
+    os.environ.setdefault("WEBCURATE_QUIET", "1")
+
+    from webcurate.curation.dedup import run_dedup
+    from webcurate.curation.knn import knn_edges_array
+
+    t = time.time()
+    items, truth = plant(read_train(args.cifar, args.originals), args.planted)
+    n = len(items)
+    print(f"# dedup_cifar: {n - args.planted:,} CIFAR-10 train photos + {args.planted:,} planted near-duplicates "
+          f"({', '.join(VARIANTS)}); read in {time.time() - t:.1f}s; load {os.getloadavg()[0]:.1f}")
     work = args.workdir or tempfile.mkdtemp(prefix="webcurate-dedupcifar-")
     root = os.path.join(work, "cifar")
     shutil.rmtree(root, ignore_errors=True)
     t = time.time()
     write_dataset(root, items, shard_size=5000)
     print(f"write shards: {time.time() - t:.1f}s")
-
-    t = time.time()
-    emb_res = run_embed(root, args.model, random_init=args.checkpoint is None, checkpoint=args.checkpoint,
-                        image_size=args.image_size, batch_size=256, summary=False)
-    embed_s = time.time() - t
-    weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "RANDOM-INIT weights"
-    ours = f"ours: {emb_res['model']} ({'checkpoint' if args.checkpoint else 'random-init'})"
-    print(f"embed ({emb_res['model']}, {weights}, {args.image_size}px): {embed_s:.1f}s, "
-          f"{len(items) / embed_s:.0f} images/s, counts {emb_res['counts']}")
-    emb = read_embeddings(root)
-    key_pos = {k: i for i, k in enumerate(emb.keys)}
-    order = np.array([key_pos[make_key(n)] for n, _, _ in items])
-    x_ours = np.ascontiguousarray(emb.vectors[order])
+    x_ours, ours, emb_info = embed_pool(root, items, args)
     t = time.time()
     x_pix = pixel_vectors(items)
     print(f"raw-pixel vectors: {time.time() - t:.1f}s")
 
-    thresholds = [0.6, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99]
-    rows = []
+    rows, graphs = [], {}
     for name, x in ((ours, x_ours), ("peer: raw pixels", x_pix)):
         t = time.time()
-        for r in pair_scores(x, orig, copy, kinds, thresholds, args.k):
-            rows.append((name, r))
-        print(f"{name}: kNN graph + components at {len(thresholds)} thresholds in {time.time() - t:.1f}s")
+        graphs[name] = src, dst, sim = knn_edges_array(x, args.k, min(THRESHOLDS))
+        for th in THRESHOLDS:
+            rows.append({"embeddings": name, "threshold": th, **score(n, src, dst, sim > th, truth)})
+        print(f"{name}: kNN graph ({len(src):,} edges > {min(THRESHOLDS)}) + components at {len(THRESHOLDS)} "
+              f"thresholds in {time.time() - t:.1f}s")
+    t = time.time()
+    combos = combinations(n, graphs[ours], graphs["peer: raw pixels"], x_ours, x_pix, truth)
+    print(f"combinations: {len(combos)} rules in {time.time() - t:.1f}s")
 
     t = time.time()
     ex = run_dedup(root, method="exact", summary=False)
-    exact_s = time.time() - t
-
-    def f1(r):
-        return 2 * r["precision"] * r["recall"] / max(r["precision"] + r["recall"], 1e-9)
-
-    best = max((r for n, r in rows if n.startswith("ours")), key=f1)
-    t = time.time()
-    res = run_dedup(root, method="copy", k=args.k, threshold=best["threshold"], summary=False)
-    dedup_s = time.time() - t
-    from webcurate.shards.dataset import Dataset
-
-    table = Dataset(root).read_sidecar("dedup", columns=["key", "keep", "duplicate_of"])
-    keep = dict(zip(table["key"].to_pylist(), table["keep"].to_pylist()))
-    dup = dict(zip(table["key"].to_pylist(), table["duplicate_of"].to_pylist()))
-    names = [n for n, _, _ in items]
-
-    def keeper(i: int) -> str:
-        k = make_key(names[i])
-        return k if keep[k] else dup[k]
-
-    e2e_recall = float(np.mean([keeper(o) == keeper(c) for o, c in zip(orig, copy)]))
+    exact = {"removed": int(ex.totals.get("removed", 0)), "seconds": time.time() - t}
+    best = best_row([r for r in rows if r["embeddings"] == ours])
+    e2e = {"auto": end_to_end(root, [nm for nm, _, _ in items], truth, "auto", args.k),
+           "best": end_to_end(root, [nm for nm, _, _ in items], truth, best["threshold"], args.k)}
 
     print()
     print("| embeddings | threshold | planted-pair recall | recall quality / crop / resize | precision | removed "
           "| non-planted samples in groups |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        bk = " / ".join(f"{r['by_kind'][kd]:.2f}" for kd in VARIANTS)
-        print(f"| {name} | {r['threshold']} | {r['recall']:.3f} | {bk} | {r['precision']:.3f} | {r['removed']:,} | "
-              f"{r['non_planted_in_groups']:,} |")
-    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | - | {ex['counts']['removed']:,} | - |")
+    for r in rows:
+        print(f"| {r['embeddings']} | {r['threshold']} | {fmt(r)} | {r['non_planted_in_groups']:,} |")
+    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | - | {exact['removed']:,} | - |")
+    print("\nCombinations (Pareto front per rule; pixel / embedding cosine thresholds):")
+    print("| rule | pixel | embedding | planted-pair recall | recall quality / crop / resize | precision | removed |")
+    print("|---|---|---|---|---|---|---|")
+    for rule in dict.fromkeys(c["rule"] for c in combos):
+        for r in pareto([c for c in combos if c["rule"] == rule]):
+            print(f"| {rule} | {r['pixel_threshold']} | {r['emb_threshold']} | {fmt(r)} |")
     print()
-    print(f"run_dedup end to end (copy, k={args.k}, threshold {best['threshold']}, {res['index']} index): "
-          f"{dedup_s:.1f}s, removed {res['counts']['removed']:,}, planted-pair recall {e2e_recall:.3f}; "
-          f"exact method {exact_s:.1f}s; embed {embed_s:.0f}s ({len(items) / embed_s:.0f} img/s); "
-          f"load average {os.getloadavg()[0]:.1f}")
+    for label, cand in ((ours, [r for r in rows if r["embeddings"] == ours]),
+                        ("raw pixels", [r for r in rows if r["embeddings"] != ours]), ("combinations", combos)):
+        b = best_row(cand)
+        met = b["precision"] >= TARGET_PRECISION and b["recall"] >= TARGET_RECALL
+        what = b.get("rule", f"threshold {b.get('threshold')}")
+        extra = f" (pixel {b['pixel_threshold']}, embedding {b['emb_threshold']})" if "rule" in b else ""
+        print(f"target precision >= {TARGET_PRECISION} at recall >= {TARGET_RECALL}, {label}: best {what}{extra}: "
+              f"precision {b['precision']:.3f}, recall {b['recall']:.3f} -> {'met' if met else 'NOT met'}")
+    for label, r in e2e.items():
+        if "refused" in r:
+            print(f"run_dedup end to end (copy, threshold {label}): refused by the mass-removal guard: {r['refused']}")
+        else:
+            print(f"run_dedup end to end (copy, k={args.k}, threshold {r['threshold']} ({r['source']}), {r['index']} "
+                  f"index): {r['seconds']:.1f}s, removed {r['removed']:,}, planted-pair recall {r['recall']:.3f} "
+                  f"(quality / crop / resize {' / '.join(format(r['by_kind'][kd], '.2f') for kd in VARIANTS)}), "
+                  f"precision {r['precision']:.3f}")
+    print(f"exact method {exact['seconds']:.1f}s, removed {exact['removed']}; embed {emb_info['seconds']:.0f}s "
+          f"({n / emb_info['seconds']:.0f} img/s); load average {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "combinations": combos, "end_to_end": e2e, "exact": exact, "n": n,
+                       "planted": args.planted, "embeddings": ours, "checkpoint": args.checkpoint,
+                       "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}, f, indent=1,
+                      default=str)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
