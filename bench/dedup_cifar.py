@@ -190,7 +190,12 @@ def pareto(rows: list[dict]) -> list[dict]:
     """Rows no other row beats on both precision and recall, by recall."""
     keep = [r for r in rows if not any(o["precision"] >= r["precision"] and o["recall"] >= r["recall"]
                                        and (o["precision"], o["recall"]) != (r["precision"], r["recall"]) for o in rows)]
-    return sorted(keep, key=lambda r: r["recall"])
+    seen, out = set(), []
+    for r in keep:  # one row per (precision, recall): the first (loosest) thresholds that give it
+        if (r["precision"], r["recall"]) not in seen:
+            seen.add((r["precision"], r["recall"]))
+            out.append(r)
+    return sorted(out, key=lambda r: r["recall"])
 
 
 def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int) -> dict:
@@ -306,6 +311,8 @@ def main() -> None:
     x_pix = pixel_vectors(items)
     print(f"raw-pixel vectors: {time.time() - t:.1f}s")
 
+    out = {"n": n, "planted": args.planted, "embeddings": ours, "checkpoint": args.checkpoint,
+           "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}
     rows, graphs = [], {}
     for name, x in ((ours, x_ours), ("peer: raw pixels", x_pix)):
         t = time.time()
@@ -314,25 +321,16 @@ def main() -> None:
             rows.append({"embeddings": name, "threshold": th, **score(n, src, dst, sim > th, truth)})
         print(f"{name}: kNN graph ({len(src):,} edges > {min(THRESHOLDS)}) + components at {len(THRESHOLDS)} "
               f"thresholds in {time.time() - t:.1f}s")
-    t = time.time()
-    combos = combinations(n, graphs[ours], graphs["peer: raw pixels"], x_ours, x_pix, truth)
-    print(f"combinations: {len(combos)} rules in {time.time() - t:.1f}s")
-
-    t = time.time()
-    ex = run_dedup(root, method="exact", summary=False)
-    exact = {"removed": int(ex.totals.get("removed", 0)), "seconds": time.time() - t}
-    best = best_row([r for r in rows if r["embeddings"] == ours])
-    e2e = {"auto": end_to_end(root, [nm for nm, _, _ in items], truth, "auto", args.k),
-           "best": end_to_end(root, [nm for nm, _, _ in items], truth, best["threshold"], args.k)}
-
-    print()
-    print("| embeddings | threshold | planted-pair recall | recall quality / crop / resize | precision | removed "
-          "| non-planted samples in groups |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| embeddings | threshold | planted-pair recall | recall quality / crop / resize | precision | removed "
+          "| non-planted samples in groups |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['embeddings']} | {r['threshold']} | {fmt(r)} | {r['non_planted_in_groups']:,} |")
-    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | - | {exact['removed']:,} | - |")
-    print("\nCombinations (Pareto front per rule; pixel / embedding cosine thresholds):")
+    save(args.json, out, rows=rows)
+
+    t = time.time()
+    combos = combinations(n, graphs[ours], graphs["peer: raw pixels"], x_ours, x_pix, truth)
+    print(f"\ncombinations: {len(combos)} rules in {time.time() - t:.1f}s; Pareto front per rule "
+          "(pixel / embedding cosine thresholds):")
     print("| rule | pixel | embedding | planted-pair recall | recall quality / crop / resize | precision | removed |")
     print("|---|---|---|---|---|---|---|")
     for rule in dict.fromkeys(c["rule"] for c in combos):
@@ -347,7 +345,16 @@ def main() -> None:
         extra = f" (pixel {b['pixel_threshold']}, embedding {b['emb_threshold']})" if "rule" in b else ""
         print(f"target precision >= {TARGET_PRECISION} at recall >= {TARGET_RECALL}, {label}: best {what}{extra}: "
               f"precision {b['precision']:.3f}, recall {b['recall']:.3f} -> {'met' if met else 'NOT met'}")
-    for label, r in e2e.items():
+    save(args.json, out, combinations=combos)
+
+    t = time.time()
+    ex = run_dedup(root, method="exact", summary=False)
+    exact = {"removed": int(ex.totals.get("removed", 0)), "seconds": time.time() - t}
+    print(f"| exact sha256 (`--method exact`) | - | 0.000 | - | - | {exact['removed']:,} | - | ({exact['seconds']:.1f}s)")
+    best = best_row([r for r in rows if r["embeddings"] == ours])
+    e2e = {}
+    for label, th in (("auto", "auto"), ("best", best["threshold"])):
+        e2e[label] = r = end_to_end(root, [nm for nm, _, _ in items], truth, th, args.k)
         if "refused" in r:
             print(f"run_dedup end to end (copy, threshold {label}): refused by the mass-removal guard: {r['refused']}")
         else:
@@ -355,16 +362,19 @@ def main() -> None:
                   f"index): {r['seconds']:.1f}s, removed {r['removed']:,}, planted-pair recall {r['recall']:.3f} "
                   f"(quality / crop / resize {' / '.join(format(r['by_kind'][kd], '.2f') for kd in VARIANTS)}), "
                   f"precision {r['precision']:.3f}")
-    print(f"exact method {exact['seconds']:.1f}s, removed {exact['removed']}; embed {emb_info['seconds']:.0f}s "
-          f"({n / emb_info['seconds']:.0f} img/s); load average {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "combinations": combos, "end_to_end": e2e, "exact": exact, "n": n,
-                       "planted": args.planted, "embeddings": ours, "checkpoint": args.checkpoint,
-                       "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}, f, indent=1,
-                      default=str)
+        save(args.json, out, exact=exact, end_to_end=e2e)
+    print(f"embed {emb_info['seconds']:.0f}s ({n / emb_info['seconds']:.0f} img/s); load average "
+          f"{os.getloadavg()[0]:.1f}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def save(path: str | None, out: dict, **more) -> None:
+    """Add ``more`` to the results and rewrite the JSON file (each phase, so a killed run keeps what it did)."""
+    out.update(more)
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
