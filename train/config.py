@@ -174,8 +174,8 @@ class RunConfig(Params):
     cpus_per_worker: float | None = Field(None, gt=0, description="null: the cluster's CPUs shared by the workers")
     fsdp: bool = Field(False, description="FSDP2 sharding instead of DDP (models too large to replicate)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs; bf16 on CPUs with AVX-512 BF16 or AMX "
-                            "is about 2x faster for ConvNets")
+        "auto", description="auto: bf16 autocast on GPUs, and for ConvNets on CPUs with AVX-512 BF16 or AMX "
+                            "(about 2x faster there); fp32 otherwise (ViTs on CPU, CPUs without bf16 instructions)")
     channels_last: bool = Field(True, description="ConvNets: channels-last weights and inputs (ignored for ViTs)")
     epochs: float | None = Field(None, gt=0, description="run length in epochs (default optim.epochs)")
     max_steps: int | None = Field(None, ge=0, description="run length in optimiser steps; schedules fit it")

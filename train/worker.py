@@ -23,7 +23,9 @@ from typing import Any
 
 from .config import TrainConfig
 from .metrics import batch_digest, format_line, truncate_metrics, write_metrics
-from .plan import CALIBRATION_STEPS, Plan, budget_plan, fixed_plan, reserve_seconds
+from .plan import (CALIBRATION_STEPS, REFINE_STEPS, BudgetTooShort, Plan, budget_plan, fixed_plan, refine_at,
+                   reserve_seconds)
+from .precision import use_bf16
 
 
 def _gather_floats(values: list[float], device) -> list[list[float]]:
@@ -54,8 +56,9 @@ def _quiet_ray_train_reports() -> None:
         pass
 
 
-def _seconds_per_step(durations: list[float]) -> float:
-    timed = sorted(durations[1:]) or durations  # the first step pays lazy initialisation
+def _seconds_per_step(durations: list[float], since: int = 1) -> float:
+    """Median step time of ``durations[since:]`` (default: all but the first, which pays lazy init)."""
+    timed = sorted(durations[since:]) or durations
     return timed[len(timed) // 2]
 
 
@@ -92,7 +95,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_num_threads(cfg.run.torch_threads or max(1, int(config.get("cpus_per_worker") or 1)))
     distributed = dist.is_available() and dist.is_initialized() and world > 1
-    amp = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    amp = use_bf16(cfg.run.precision, device.type, cfg.model.name)
 
     step, data_epoch, data_batch, rng, state, plan = 0, 0, 0, None, None, None
     if config.get("resume_from"):  # our own listing, not Ray's snapshot (which may be missing)
@@ -151,6 +154,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     stop_at = min(plan.total_steps, cfg.run.stop_at_step if cfg.run.stop_at_step is not None else plan.total_steps)
     last_metrics: dict[str, Any] = {"step": step}
     durations: list[float] = []
+    refine: int | None = None  # len(durations) at which a time-budget plan is measured again
     stopped_on_time = False
     trainee.student.train()
     if trainee.teacher is not None:
@@ -195,9 +199,24 @@ def worker_loop(config: dict[str, Any]) -> None:
                 schedules = Schedules.from_config(cfg, plan.total_steps)
                 stop_at = min(plan.total_steps, cfg.run.stop_at_step or plan.total_steps)
                 calibrating = False
+                refine = refine_at(plan, len(durations))
                 rec["max_steps"] = last_metrics["max_steps"] = plan.total_steps
                 if rank == 0 and not quiet:
                     print(f"[train] {plan.describe()}", flush=True)
+            elif refine is not None and len(durations) >= refine:
+                # The warm-up steps of the calibration run slower than the rest: size the plan again.
+                sps = _seconds_per_step(durations, since=len(durations) - REFINE_STEPS)
+                refine = None
+                try:
+                    plan = budget_plan(cfg, epoch_length, sps, step, min(g[-2] for g in gathered))
+                except BudgetTooShort:
+                    pass  # slower than planned: the deadline check below stops the run on time
+                else:
+                    schedules = Schedules.from_config(cfg, plan.total_steps)
+                    stop_at = min(plan.total_steps, cfg.run.stop_at_step or plan.total_steps)
+                    rec["max_steps"] = last_metrics["max_steps"] = plan.total_steps
+                    if rank == 0 and not quiet:
+                        print(f"[train] re-measured {plan.describe()}", flush=True)
             out_of_time = deadline is not None and not calibrating and \
                 min(g[-2] for g in gathered) < reserve_seconds(cfg, _seconds_per_step(durations))
             if rank == 0:
@@ -210,6 +229,7 @@ def worker_loop(config: dict[str, Any]) -> None:
                 last_metrics.update(_summary(cfg, plan, recent, stopped_on_time))
             if done or step % cfg.run.checkpoint_every == 0:
                 save(last_metrics, with_checkpoint=True)
+                refine = None  # a resume from this checkpoint keeps its plan: so does this run
             elif step % cfg.run.report_every == 0:
                 save(last_metrics, with_checkpoint=False)
             t_last = time.perf_counter()  # img/s measures loading + the step, not reports/checkpoints
