@@ -7,7 +7,7 @@
    and export included): the run measures its s/step, sizes every schedule to the steps
    that fit, stops on time and exports. The recipe of method M is
    docs/examples/train_cpu_<M>.yaml when it exists, else ``BASE`` + ``METHOD_OVERRIDES[M]``
-   (ConvNets: a narrow ResNet-18 with the small-image stem at 32 px; ViT-only methods: a
+   (ConvNets: a narrow ResNet-10 with the small-image stem at 32 px; ViT-only methods: a
    patch-4 ViT at 32 px).
 3. k-NN (k=20, T=0.07, cosine; ``webcurate.train.evaluate.knn_eval``) and a linear probe
    (``linear_probe``: L-BFGS logistic regression on standardised frozen features) on the
@@ -40,9 +40,11 @@ EXAMPLES = os.path.join(ROOT, "docs", "examples")
 ALL = ["simclr", "byol", "moco_v2", "moco_v3", "simsiam", "vicreg", "barlow_twins", "swav", "dino", "dinov2", "ibot",
        "mae"]
 
-# The shared CPU recipe: a narrow ResNet-18 (32-64-128-256) with the small-image stem on 32 px views.
+# The shared CPU recipe: a narrow ResNet-10 (timm resnet18 with one block per stage, widths 32-64-128-256)
+# with the small-image stem on 32 px views: 2-3x the img/s of the ResNet-18 depth, which a 15-minute budget
+# needs more (bench/results/train.md); docs/examples/train_cpu_<method>.yaml, where it exists, wins.
 RESNET = ["model.name=resnet18", "model.stem=small_image", "model.drop_path_rate=0",
-          "model.timm_kwargs={channels: [32, 64, 128, 256], stem_width: 32}"]
+          "model.timm_kwargs={channels: [32, 64, 128, 256], stem_width: 32, layers: [1, 1, 1, 1]}"]
 VIT = ["model.name=vit_tiny_patch16_224", "model.patch_size=4", "model.embed_dim=96", "model.depth=4",
        "model.num_heads=3", "model.drop_path_rate=0", "model.layerscale=null"]
 BASE = ["loader.global_size=32", "loader.local_size=16", "loader.batch_size=256", "loader.num_threads=1",
