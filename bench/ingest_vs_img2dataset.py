@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 photos, for a fast check")
     ap.add_argument("--shard-size", type=int, default=500, help="samples per shard, both tools (default 500)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool, alternating which goes first")
+    ap.add_argument("--img2dataset-first", action="store_true",
+                    help="start with img2dataset (runs still alternate with --repeat)")
     ap.add_argument("--skip-img2dataset", action="store_true")
     ap.add_argument("--skip-folder", action="store_true", help="skip the local-folder ingest timing")
     ap.add_argument("--warm-ray", action="store_true",
@@ -274,7 +276,8 @@ def main() -> None:
         pq.write_table(pa.table({"url": [f"{base}/bulk/{i:05d}.jpg" for i in range(n)],
                                  "caption": [f"photo {i}" for i in range(n)]}), url_list)
         for rep in range(args.repeat):
-            order = ["webcurate", "img2dataset"] if rep % 2 == 0 else ["img2dataset", "webcurate"]
+            ours_first = (rep + args.img2dataset_first) % 2 == 0
+            order = ["webcurate", "img2dataset"] if ours_first else ["img2dataset", "webcurate"]
             if cluster is not None:
                 order.insert(1, "webcurate_warm")
             for tool in order:
