@@ -14,9 +14,10 @@ HEADER = """# Benchmarks
 
 Every benchmark runs us and the peer side by side in one run and prints the
 ratio. Machine unless stated: the project's 2-core x86-64 CPU VM, 24 GiB, no
-GPU, Python 3.11.7. Most numbers below were taken while other jobs shared the
-two cores (the load is stated with each); CPU time per item is given where the
-wall clock was distorted. Re-run any of them with the command shown.
+GPU, Python 3.11.7. Each figure states the load it was taken under: the
+2026-12-02 runs were taken one at a time on an otherwise idle machine, older
+ones often shared the two cores (CPU time per item is given where that
+distorted the wall clock). Re-run any of them with the command shown.
 
 | area | script | target | result |
 |---|---|---|---|
