@@ -192,31 +192,24 @@ def worker_loop(config: dict[str, Any]) -> None:
             rec.update({k: float(v) for k, v in m.items()})
             last_metrics = {k: v for k, v in rec.items() if k != "batch_digest"}
             recent.append(last_metrics)
-            if calibrating and len(durations) >= CALIBRATION_STEPS:
-                sps = _seconds_per_step(durations)
-                seconds_left = min(g[-2] for g in gathered)
-                plan = budget_plan(cfg, epoch_length, sps, step, seconds_left)  # or BudgetTooShort
-                schedules = Schedules.from_config(cfg, plan.total_steps)
-                stop_at = min(plan.total_steps, cfg.run.stop_at_step or plan.total_steps)
-                calibrating = False
-                refine = refine_at(plan, len(durations))
-                rec["max_steps"] = last_metrics["max_steps"] = plan.total_steps
-                if rank == 0 and not quiet:
-                    print(f"[train] {plan.describe()}", flush=True)
-            elif refine is not None and len(durations) >= refine:
-                # The warm-up steps of the calibration run slower than the rest: size the plan again.
-                sps = _seconds_per_step(durations, since=len(durations) - REFINE_STEPS)
-                refine = None
+            first = calibrating and len(durations) >= CALIBRATION_STEPS
+            if first or (refine is not None and len(durations) >= refine):
+                # Planned twice: the calibration's warm-up steps run slower than the steps after them.
+                sps = _seconds_per_step(durations, since=1 if first else len(durations) - REFINE_STEPS)
                 try:
-                    plan = budget_plan(cfg, epoch_length, sps, step, min(g[-2] for g in gathered))
+                    resized = budget_plan(cfg, epoch_length, sps, step, min(g[-2] for g in gathered))
                 except BudgetTooShort:
-                    pass  # slower than planned: the deadline check below stops the run on time
-                else:
+                    if first:
+                        raise
+                    resized = None  # slower than planned: the deadline check below stops the run on time
+                calibrating, refine = False, refine_at(resized, len(durations)) if first else None
+                if resized is not None:
+                    plan = resized
                     schedules = Schedules.from_config(cfg, plan.total_steps)
                     stop_at = min(plan.total_steps, cfg.run.stop_at_step or plan.total_steps)
                     rec["max_steps"] = last_metrics["max_steps"] = plan.total_steps
                     if rank == 0 and not quiet:
-                        print(f"[train] re-measured {plan.describe()}", flush=True)
+                        print(f"[train] {'' if first else 're-measured '}{plan.describe()}", flush=True)
             out_of_time = deadline is not None and not calibrating and \
                 min(g[-2] for g in gathered) < reserve_seconds(cfg, _seconds_per_step(durations))
             if rank == 0:
