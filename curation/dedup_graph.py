@@ -9,11 +9,13 @@ IVF (large pools):
    trains the coarse cells (spherical k-means) on them;
 2. ``assign_task``: each vector's ``nprobe`` nearest cells (kept in the
    object store) and the cell sizes (to the driver);
-3. the driver groups nearby cells so a group's vectors fit a task;
+3. the driver groups nearby cells so a group's vectors fit a task (its
+   queries estimated from a sample of the probe lists, ``size_groups``);
 4. ``emit_task``: each part splits its vectors by group: a group gets the
    vectors of its cells (database) and every vector probing one of its cells
    (queries); ``group_task`` searches one group;
-5. ``merge_edges`` keeps each query's best k+1 over the groups.
+5. ``merge_edges`` keeps each query's best k over the groups (each task
+   searched k+1 and dropped the self-hit, so only edges reach the driver).
 
 Exact (small pools, or ``--index flat``): database and query blocks of whole
 parts, every query block against every database block (``block_task``).
@@ -27,9 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from webcurate.shards.ray_runtime import max_node_cpus
+
 from . import knn
 from .embedding_parts import Part, normalized, read_part
 from .ray_tasks import map_tasks, waves
+
+# Rows whose probe lists the driver samples to size the cell groups (~8 MB at nprobe 10).
+PROBE_SAMPLE = 100_000
+GROUPING_ROUNDS = 4
+TRAIN_CPUS = 8
 
 
 @dataclass
@@ -94,11 +103,16 @@ def train_task(_: int, *, samples: list, nlist: int, seed: int, gpu: bool) -> np
 
 
 def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, nprobe: int, offset: int,
-                exclude: np.ndarray, gpu: bool) -> tuple:
-    """``(cell sizes (nlist,), (gids, probe ids, probe sims))`` of one part."""
+                exclude: np.ndarray, gpu: bool, probe_rate: float, seed: int) -> tuple:
+    """``((cell sizes (nlist,), sampled probe ids (m, nprobe)), (gids, probe ids, probe sims))`` of one part.
+
+    The sampled probe lists (a seeded share ``probe_rate`` of the rows) let the
+    driver estimate how many queries each cell group will receive.
+    """
     _, gid, x = load(root, shard, dim, offset, exclude)
     pi, pd = knn.probes(x, centroids, nprobe, gpu=gpu)
-    return np.bincount(pi[:, 0], minlength=centroids.shape[0]), (gid, pi, pd)
+    picked = pi[np.random.default_rng([seed, shard, 1]).random(len(pi)) < probe_rate]
+    return (np.bincount(pi[:, 0], minlength=centroids.shape[0]), picked), (gid, pi, pd)
 
 
 def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: list[int], offset: int,
@@ -153,6 +167,42 @@ def block_task(pair: tuple[int, int], *, root: str, dim: int, blocks: list, plan
     return (*out, int(qx.nbytes + (dx.nbytes if pair[0] != pair[1] else 0)), peak_rss_bytes())
 
 
+def group_rows(cell_group: np.ndarray, sizes: np.ndarray, probe_sample: np.ndarray, scale: float,
+               groups: int) -> np.ndarray:
+    """(groups,) estimated rows per group: its database (exact) + the queries probing one of its cells.
+
+    ``probe_sample`` (m, nprobe) are the probe lists of a random share of the
+    rows, each standing for ``scale`` rows; a query counts once per group.
+    """
+    db = np.bincount(cell_group, weights=sizes, minlength=groups)
+    if len(probe_sample) == 0:
+        return db
+    g = np.sort(cell_group[probe_sample], axis=1)
+    first = np.ones_like(g, dtype=bool)
+    first[:, 1:] = g[:, 1:] != g[:, :-1]
+    return db + scale * np.bincount(g[first], minlength=groups)
+
+
+def size_groups(centroids: np.ndarray, sizes: np.ndarray, probe_sample: np.ndarray, scale: float,
+                budget_rows: int, seed: int) -> tuple[np.ndarray, int, int]:
+    """Cell groups whose largest estimated task (database + queries) fits ``budget_rows``.
+
+    Starts from 3x the database rows (queries visit ~2-3 groups) and adds
+    groups until the estimate fits; more groups spread a query over more of
+    them, hence the re-estimate each round. Returns ``(cell_group, groups,
+    largest estimated rows)``.
+    """
+    live = int(sizes.sum())
+    groups = max(1, math.ceil(3 * live / budget_rows))
+    for _ in range(GROUPING_ROUNDS):
+        cell_group = knn.group_cells(centroids, sizes, groups, seed)
+        largest = float(group_rows(cell_group, sizes, probe_sample, scale, groups).max(initial=0))
+        if largest <= budget_rows or groups >= len(sizes):
+            break
+        groups = min(len(sizes), math.ceil(groups * largest / budget_rows * 1.05))
+    return cell_group, groups, int(largest)
+
+
 @dataclass
 class Graph:
     """Edges above the threshold (src < dst gids, cosine) and how they were found."""
@@ -187,8 +237,10 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
     gpu = gpus > 0
     common = {"root": plan.root, "dim": plan.dim}
     per_part = {s: plan.part_args(s) for s in plan.shards}
-    # A task holds its rows twice in float32 (faiss's copy) plus the results: a third of its memory each.
-    budget_rows = max(1024, memory // (3 * 4 * max(plan.dim, 1)))
+    # A group task holds its R rows as float16 twice (buckets, concatenated) and float32 twice (normalised,
+    # query copy), its D database rows twice more in float32 (copy, faiss lists): 12 R + 8 D bytes per
+    # dimension, D ~ R / 5 measured at 1M (bench/results/curation_scale.md) -> ~14 R.
+    budget_rows = max(1024, memory // (14 * max(plan.dim, 1)))
     results: list[tuple] = []
     if choice.kind == "flat":
         blocks = _blocks(plan, budget_rows // 2)
@@ -203,20 +255,26 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
                             per_item=per_part, desc="sample", memory=memory, keep_refs=True)
         centroids = map_tasks(train_task, [0], kwargs={"samples": [samples[s] for s in plan.shards],
                                                        "nlist": choice.nlist, "seed": seed, "gpu": gpu},
-                              desc="train cells", memory=memory, gpus=gpus)[0]
+                              desc="train cells", memory=memory, gpus=gpus,
+                              cpus=min(max_node_cpus(), TRAIN_CPUS))[0]  # one task: let faiss use a node
         del samples
-        assigned = map_tasks(assign_task, plan.shards, kwargs={**common, "centroids": centroids,
-                                                               "nprobe": choice.nprobe, "gpu": gpu},
+        assigned = map_tasks(assign_task, plan.shards, kwargs={
+                                 **common, "centroids": centroids, "nprobe": choice.nprobe, "gpu": gpu,
+                                 "probe_rate": min(1.0, PROBE_SAMPLE / max(live, 1)), "seed": seed},
                              per_item=per_part, desc="assign cells", memory=memory, num_returns=2,
                              gpus=gpus, keep_refs=True)
         import ray
 
         sizes = np.zeros(centroids.shape[0], dtype=np.int64)
+        probe_sample = []
         for s in plan.shards:
-            sizes += ray.get(assigned[s][0])
-        # Queries visit ~2-3 groups when nearby cells share one: budget for 3x the database rows.
-        groups = max(1, math.ceil(3 * live / budget_rows))
-        cell_group = knn.group_cells(centroids, sizes, groups, seed)
+            part_sizes, picked = ray.get(assigned[s][0])
+            sizes += part_sizes
+            probe_sample.append(picked)
+        probe_sample = np.concatenate(probe_sample)
+        cell_group, groups, est = size_groups(centroids, sizes, probe_sample, live / max(len(probe_sample), 1),
+                                              budget_rows, seed)
+        del probe_sample
         plan_waves = waves(groups, 3 * live * plan.dim * 2)  # float16 rows, ~3 copies over the groups
         for wave in plan_waves:
             emitted = map_tasks(emit_task, plan.shards,
@@ -233,11 +291,12 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
             del per_group
         del assigned
         info = {"index": "ivf", "nlist": int(centroids.shape[0]), "nprobe": choice.nprobe, "groups": groups,
+                "largest_group_rows_estimate": est,
                 "waves": len(plan_waves), "largest_cell": int(sizes.max()) if len(sizes) else 0}
     q = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
     d = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
     s = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.float32)
-    src, dst, sim = knn.merge_edges(q, d, s, kk)
+    src, dst, sim = knn.merge_edges(q, d, s, kk - 1)
     info.update(edges=int(len(src)), largest_task_bytes=max((int(r[3]) for r in results), default=0),
                 largest_task_rss=max((int(r[4]) for r in results), default=0))
     return Graph(src, dst, sim, info)

@@ -13,8 +13,8 @@ Partitioned (``plan_groups`` + ``merge_edges``, driven by ``dedup_graph.py``):
 the *database* is split into groups of whole cells (cells near each other in
 one group, sized by ``--memory-per-task``); each query goes to the groups that
 hold one of its probed cells, searches only those cells there, and keeps its
-local top ``k+1``. The driver merges each query's local lists and keeps the
-best ``k+1`` overall: exactly what one IVF index with all cells returns, as
+local top ``k+1`` less itself. The driver merges each query's local lists and
+keeps the best ``k`` others: exactly what one IVF index with all cells returns, as
 every probed cell is complete in the group that holds it. Exact search is the
 same with groups of arbitrary database blocks that every query visits.
 
@@ -114,12 +114,14 @@ def search_block(db_x: np.ndarray, db_gid: np.ndarray, q_x: np.ndarray, q_gid: n
                  threshold: float, *, centroids: np.ndarray | None = None, db_cell: np.ndarray | None = None,
                  q_probe: tuple[np.ndarray, np.ndarray] | None = None,
                  gpu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each query's ``kk`` best database vectors of this block with cosine > ``threshold`` (self included).
+    """Each query's ``kk`` best database vectors of this block with cosine > ``threshold``, self-hits dropped.
 
     Flat when ``centroids`` is None; else IVF over the global ``centroids``,
     the database holding whole cells (``db_cell``, (M,) int) and each query
     scanning the cells of its ``q_probe`` (ids, sims) that are in this block.
-    Returns ``(query gid, database gid, sim)`` arrays.
+    Returns ``(query gid, database gid, sim)`` arrays. A query finds itself in
+    one block only; dropping it here rather than in ``merge_edges`` keeps the
+    driver's merge input O(edges), not O(N) (every sample is its own best hit).
     """
     import faiss
 
@@ -156,18 +158,21 @@ def search_block(db_x: np.ndarray, db_gid: np.ndarray, q_x: np.ndarray, q_gid: n
             sims, ids = index.search_preassigned(q, kk, probe_i[s:s + SEARCH_CHUNK], probe_d[s:s + SEARCH_CHUNK])
         else:
             sims, ids = index.search(q, kk)
+        qg = q_gid[s:s + SEARCH_CHUNK]
         keep = (ids >= 0) & (sims > threshold)
+        keep[keep] = db_gid[ids[keep]] != np.broadcast_to(qg[:, None], ids.shape)[keep]
         rows = np.broadcast_to(np.arange(len(q))[:, None], ids.shape)[keep]
-        qs.append(q_gid[s:s + SEARCH_CHUNK][rows])
+        qs.append(qg[rows])
         ds.append(db_gid[ids[keep]])
         ss.append(sims[keep])
     return np.concatenate(qs).astype(np.int64), np.concatenate(ds).astype(np.int64), np.concatenate(ss)
 
 
-def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep each query's ``kk`` best hits over all blocks, drop self-hits, return undirected edges once.
+def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep each query's ``k`` best hits over all blocks, return undirected edges once.
 
-    Inputs are the concatenated outputs of ``search_block``. Returns
+    Inputs are the concatenated outputs of ``search_block`` (searched with
+    k + 1, self-hits already dropped: k others remain). Returns
     ``(src, dst, sim)`` with src < dst, sorted by (src, dst).
     """
     if len(q) == 0:
@@ -176,7 +181,7 @@ def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, kk: int) -> tuple[n
     q, d, s = q[order], d[order], s[order]
     start = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
     rank = np.arange(len(q)) - np.repeat(start, np.diff(np.r_[start, len(q)]))
-    keep = (rank < kk) & (q != d)
+    keep = (rank < k) & (q != d)  # q != d: a caller's own self-hits, should it pass them
     if not keep.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     a, b, s = np.minimum(q[keep], d[keep]), np.maximum(q[keep], d[keep]), s[keep]
@@ -226,10 +231,10 @@ def knn_edges_array(x: np.ndarray, k: int, threshold: float, *, choice: IndexCho
     kk = min(k + 1, n)
     gid = np.arange(n, dtype=np.int64)
     if choice.kind == "flat":
-        return merge_edges(*search_block(x, gid, x, gid, kk, threshold), kk)
+        return merge_edges(*search_block(x, gid, x, gid, kk, threshold), kk - 1)
     rng = np.random.default_rng(seed)
     sample = x if choice.train_size >= n else x[np.sort(rng.choice(n, choice.train_size, replace=False))]
     centroids = train_cells(sample, choice.nlist, seed)
     pi, pd = probes(x, centroids, choice.nprobe)
     return merge_edges(*search_block(x, gid, x, gid, kk, threshold, centroids=centroids, db_cell=pi[:, 0],
-                                     q_probe=(pi, pd)), kk)
+                                     q_probe=(pi, pd)), kk - 1)

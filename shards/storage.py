@@ -279,6 +279,11 @@ def _require_bucket(uri: str) -> None:
         raise _describe(e, uri, "list") from e
 
 
+def absolute(uri: str) -> str:
+    """``uri`` unchanged for S3, else an absolute path: Ray workers do not share the driver's working folder."""
+    return uri if is_s3(uri) else os.path.abspath(uri)
+
+
 def local_tempdir(prefix: str = "webcurate-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
 

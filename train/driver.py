@@ -183,6 +183,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
     from .models import resolve_config
 
     t0 = time.time()
+    data, output = storage.absolute(data), storage.absolute(output)
     deadline = t0 + cfg.run.time_budget if cfg.run.time_budget else None
     cfg = resolve_config(cfg)
     shard_uris, n_samples = dataset_size(data)
@@ -207,7 +208,7 @@ def train(data: str, output: str, cfg: TrainConfig, *, resume: bool = False, qui
     resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     fs, path = storage.filesystem(output)
     storage_kw = {"storage_path": path, "storage_filesystem": fs} if storage.is_s3(output) else \
-        {"storage_path": os.path.abspath(output)}
+        {"storage_path": output}
 
     loop_config = {
         "cfg": cfg.to_dict(), "shard_uris": shard_uris, "epoch_length": epoch_length, "output": output,

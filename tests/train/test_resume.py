@@ -112,17 +112,21 @@ MOCO_RESNET = ["method=moco_v2", "model.name=resnet18", "model.stem=small_image"
                "run.max_steps=4"]
 
 
-def test_resume_without_rays_run_snapshot_continues_from_our_checkpoint_listing(tiny_dataset, tmp_path):
+def test_resume_without_rays_run_snapshot_continues_from_our_checkpoint_listing(tiny_dataset, tmp_path,
+                                                                              monkeypatch):
     """Issue 17.8: the checkpoint folders are there but Ray's snapshot is gone (a copied or pruned
     output): --resume continues at the last checkpoint, exactly (a two-view method with a queue,
-    an EMA branch and BatchNorm), instead of silently starting at step 0."""
+    an EMA branch and BatchNorm), instead of silently starting at step 0. The cut run is given
+    relative paths, as a user types them: the workers do not share the driver's working folder."""
     from webcurate.train.config import load_config
     from webcurate.train.driver import train
 
     whole = str(tmp_path / "whole")
     train(tiny_dataset, whole, load_config(None, MOCO_RESNET), quiet=True)
+    monkeypatch.chdir(tmp_path)
+    train(os.path.relpath(tiny_dataset), "cut", load_config(None, MOCO_RESNET + ["run.stop_at_step=2"]),
+          quiet=True)
     cut = str(tmp_path / "cut")
-    train(tiny_dataset, cut, load_config(None, MOCO_RESNET + ["run.stop_at_step=2"]), quiet=True)
     # The output copied without Ray's run snapshot (checkpoint_manager_snapshot.json): our files only.
     copied = tmp_path / "copied"
     shutil.copytree(os.path.join(cut, "train", "checkpoint_00000002"), copied / "train" / "checkpoint_00000002")

@@ -1,0 +1,69 @@
+"""The partitioned kNN search's pieces: self-hits stay in the tasks, cell groups fit their task budget."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_search_block_returns_no_self_hit_even_among_exact_copies():
+    from webcurate.curation import knn
+
+    base = _unit(50, 16, 0)
+    x = np.concatenate([base, base, base])  # every vector has two exact copies: ties at cosine 1.0
+    gid = np.arange(len(x), dtype=np.int64)
+    q, d, s = knn.search_block(x, gid, x, gid, 3, 0.5)
+    assert not np.any(q == d), "a query's own row must not leave the task"
+    assert np.bincount(q, minlength=len(x)).max() <= 3
+    src, dst, _ = knn.merge_edges(q, d, s, 2)
+    got = set(zip(src.tolist(), dst.tolist()))
+    want = {(i + a * 50, i + b * 50) for i in range(50) for a in range(3) for b in range(3) if a < b}
+    assert got == want, "each row's 2 best others are its two copies"
+
+
+def test_merge_keeps_each_querys_k_best_over_blocks():
+    from webcurate.curation import knn
+
+    x = _unit(400, 8, 1)
+    gid = np.arange(len(x), dtype=np.int64)
+    one = knn.merge_edges(*knn.search_block(x, gid, x, gid, 6, -1.0), 5)
+    halves = [knn.search_block(x[sl], gid[sl], x, gid, 6, -1.0) for sl in (slice(0, 200), slice(200, 400))]
+    split = knn.merge_edges(*(np.concatenate(parts) for parts in zip(*halves)), 5)
+    assert set(zip(one[0].tolist(), one[1].tolist())) == set(zip(split[0].tolist(), split[1].tolist()))
+
+
+def test_group_rows_counts_a_query_once_per_group():
+    from webcurate.curation.dedup_graph import group_rows
+
+    cell_group = np.array([0, 0, 1, 1])
+    sizes = np.array([10, 20, 30, 40])
+    probes = np.array([[0, 1], [0, 2], [2, 3], [3, 3]])  # row 0 probes two cells of group 0
+    rows = group_rows(cell_group, sizes, probes, 1.0, 2)
+    assert rows.tolist() == [30 + 2, 70 + 3]
+
+
+def test_size_groups_fits_the_budget_where_three_times_the_database_does_not():
+    """Queries probing 10 scattered cells visit many groups: the 3x rule of thumb overflows, the estimate fits."""
+    from webcurate.curation.dedup_graph import group_rows, size_groups
+
+    rng = np.random.default_rng(0)
+    nlist, n = 256, 200_000
+    centroids = _unit(nlist, 16, 2)
+    home = rng.integers(0, nlist, n)
+    probes = np.concatenate([home[:, None], rng.integers(0, nlist, (n, 9))], axis=1)
+    sizes = np.bincount(home, minlength=nlist)
+    budget = 60_000
+    naive = int(np.ceil(3 * n / budget))
+    from webcurate.curation import knn
+
+    naive_rows = group_rows(knn.group_cells(centroids, sizes, naive, 0), sizes, probes, 1.0, naive)
+    assert naive_rows.max() > budget, "the case must overflow the old sizing"
+    sample = probes[rng.random(n) < 0.1]
+    cell_group, groups, est = size_groups(centroids, sizes, sample, n / len(sample), budget, 0)
+    true_rows = group_rows(cell_group, sizes, probes, 1.0, groups)
+    assert groups > naive
+    assert true_rows.max() <= budget * 1.05, (true_rows.max(), est)
+    assert abs(est - true_rows.max()) <= 0.05 * true_rows.max()
