@@ -267,6 +267,9 @@ def child_main(argv: list[str]) -> None:
         res = dedup.run_dedup(root, method="copy", k=k, threshold=threshold, summary=False,
                               resources={"memory_per_task": memory})
         info = {"counts": res.totals, **{k: v for k, v in res.info.items() if isinstance(v, (int, float, str))}}
+        from webcurate.curation.stage_params import TaskResources
+
+        info["memory_per_task_bytes"] = TaskResources(memory_per_task=memory).task_memory()
     wall = time.time() - t
     print("RESULT " + json.dumps({"wall": wall, "module": dedup.__file__, "info": info,
                                   "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
@@ -380,7 +383,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--threshold", type=float, default=0.6)
-    ap.add_argument("--memory-per-task", default="2GiB", help="new path: --memory-per-task")
+    ap.add_argument("--memory-per-task", default="auto", help="new path: --memory-per-task (auto: the product default)")
     ap.add_argument("--old-commit", default=OLD_COMMIT)
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "_work", "curation_scale"))
     ap.add_argument("--deadline", default=None, help="UTC HH:MM[:SS]: a run still going then is killed")

@@ -66,13 +66,14 @@ def sh(args: list[str], logfile: str) -> float:
     return time.time() - t0
 
 
-def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None) -> dict:
+def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None, budget: str | None = None) -> dict:
     """Train a backbone on ``data`` with the shared recipe and budget (reused when already exported)."""
     stamp = os.path.join(out, "bench_train.json")
     if os.path.exists(stamp):
         return json.load(open(stamp))
     shutil.rmtree(out, ignore_errors=True)
-    budget = ["--time-budget", a.time_budget] if a.time_budget else ["--max-steps", str(steps or a.steps)]
+    budget = budget or a.time_budget
+    budget = ["--time-budget", budget] if budget else ["--max-steps", str(steps or a.steps)]
     recipe = [] if a.recipe == "cpu-default" else ["--config", a.train_config, *RECIPE]
     load0 = os.getloadavg()[0]
     secs = sh([WEBCURATE, "train", "--data", data, "--output", out, *recipe, *budget, *a.override],
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps of every backbone [600; 60 small]")
     ap.add_argument("--pool-steps", type=int, default=None,
                     help="training steps of the curation backbone (on the whole pool) [--steps]")
+    ap.add_argument("--pool-time-budget", default=None,
+                    help="train the curation backbone on the pool for this long (default: --time-budget)")
     ap.add_argument("--time-budget", default=None, help="train each backbone for this long instead (e.g. 5m)")
     ap.add_argument("--recipe", choices=["dino-vit", "cpu-default"], default="dino-vit",
                     help="dino-vit: --train-config with run 2's settings of bench/results/train.md; cpu-default: "
@@ -284,8 +287,9 @@ def main() -> None:
     paths = web_pool.build(CIFAR, os.path.join(a.workdir, "data"), spec)
     pool_mix = web_pool.mix(paths["pool"], spec.targets)
     log(f"pool: {pool_mix}")
-    log(f"training the curation backbone on the whole pool ({a.time_budget or f'{a.pool_steps or a.steps} steps'})")
-    pool_bb = train(paths["pool"], os.path.join(a.workdir, "backbone_pool"), a, a.pool_steps)
+    pool_budget = a.pool_time_budget or a.time_budget
+    log(f"training the curation backbone on the whole pool ({pool_budget or f'{a.pool_steps or a.steps} steps'})")
+    pool_bb = train(paths["pool"], os.path.join(a.workdir, "backbone_pool"), a, a.pool_steps, pool_budget)
     base = os.path.join(a.workdir, "pool_embedded")
     if not os.path.exists(os.path.join(base, "embedded")):
         shutil.rmtree(base, ignore_errors=True)

@@ -242,7 +242,7 @@ def run_cluster(input: str, *, summary: bool = True, resources: TaskResources | 
             print(f"clusters of {ds.root} are complete with these parameters; nothing to do")
         return result
     stage.start()
-    mem = res.memory_per_task
+    mem = res.task_memory()
     budget = max(1024, mem // (4 * 4 * max(emb.dim, 1)))
     rate = min(1.0, budget / max(emb.rows, 1))
     samples = map_tasks(sample_task, emb.shards, kwargs={"root": ds.root, "dim": emb.dim, "subset": subset,

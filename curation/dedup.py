@@ -117,9 +117,9 @@ def copy_step(plan: PartPlan, params: DedupParams, threshold: float, res: TaskRe
     from .exact_dedup import rank_of
 
     graph = knn_graph(plan, k=params.k, threshold=threshold, index=params.index, nprobe=params.nprobe,
-                      seed=params.seed, memory=res.memory_per_task, gpus=res.num_gpus)
+                      seed=params.seed, memory=res.task_memory(), gpus=res.num_gpus)
     nodes, labels = components(graph.src, graph.dst)
-    keys, px, nb = node_info(plan, nodes, res.memory_per_task)
+    keys, px, nb = node_info(plan, nodes, res.task_memory())
     keeper = best_member(labels, rank_of(list(keys), px, nb, params.keep))
     drop = np.flatnonzero(keeper != np.arange(len(nodes)))
     dec.add(nodes[drop], "copy", keys[keeper[drop]], keeper=nodes[keeper[drop]])
@@ -165,7 +165,7 @@ def run_dedup(input: str, *, summary: bool = True, resources: TaskResources | di
         return result
     stage.start()
     info: dict[str, Any] = {"method": params.method, "threshold": threshold, "threshold_source": source}
-    mem = res.memory_per_task
+    mem = res.task_memory()
     exact_on = params.method in ("exact", "copy", "semdedup")
     counts, exact = find_exact(input, shards, policy=params.keep, with_duplicates=exact_on, memory=mem,
                                buckets=buckets_for(int((ds.manifest.get("counts") or {}).get("ok", 0)), mem))
@@ -228,10 +228,10 @@ def _against_step(plan, params, threshold, res, dec, info, emb, graph, e_gid, e_
     if len(t_against.vectors) == 0:
         warnings.warn(f"--against dataset(s) {', '.join(params.against)} hold no embeddings to compare with",
                       stacklevel=3)
-    hit_gid, hit_sim, hit_idx = find_hits(plan, t_against, params.against_threshold, res.memory_per_task)
+    hit_gid, hit_sim, hit_idx = find_hits(plan, t_against, params.against_threshold, res.task_memory())
     if graph is None:  # components need the pool's own near-duplicate graph
         graph = knn_graph(plan, k=params.k, threshold=threshold, index=params.index, nprobe=params.nprobe,
-                          seed=params.seed, memory=res.memory_per_task, gpus=res.num_gpus)
+                          seed=params.seed, memory=res.task_memory(), gpus=res.num_gpus)
     # Exact duplicates share a component with the sample they duplicate.
     src, dst = np.concatenate([graph.src, e_gid]), np.concatenate([graph.dst, e_keep])
     dropped, via = against_components(src, dst, hit_gid, hit_sim)

@@ -267,14 +267,14 @@ def run_retrieve(input: str, seeds: list[str] | None = None, *, summary: bool = 
     pool_n = 0
     if params.mode in ("sample", "both"):
         (ids, s, w), pool_n = sample_mode(ds.root, pool.shards, pool.dim, seed_x, params.k, excl,
-                                          res.memory_per_task)
+                                          res.task_memory())
         ok = np.ones(len(ids), bool) if params.min_score is None else s >= params.min_score
         for i, sc, se in zip(ids[ok], s[ok], w[ok]):
             hits[int(i)] = (float(sc), int(se), "sample")
         info["selected_sample"] = int(ok.sum())
     if params.mode in ("cluster", "both"):
         (ids, s, w), cinfo = cluster_mode(ds.root, pool.shards, pool.dim, seed_x, params, excl,
-                                          res.memory_per_task, pool.rows)
+                                          res.task_memory(), pool.rows)
         info.update(cinfo)
         ok = np.ones(len(ids), bool) if params.min_score is None else s >= params.min_score
         info["selected_cluster"] = int(ok.sum())
@@ -289,7 +289,7 @@ def run_retrieve(input: str, seeds: list[str] | None = None, *, summary: bool = 
     message = _empty_message(params) if not hits else None
     if message:
         warnings.warn(message, stacklevel=2)
-    result = stage.write_parts(write_task, per_shard=_per_shard(hits), memory=res.memory_per_task,
+    result = stage.write_parts(write_task, per_shard=_per_shard(hits), memory=res.task_memory(),
                                kwargs={"dim": pool.dim, "seed_keys": seed_keys, "seed_roots": seed_roots})
     per_seed = {f"selected:{r}": sum(1 for _, se, _ in hits.values() if seed_roots[se] == r) for r in params.seeds}
     info["pool_searched"] = int(pool_n)

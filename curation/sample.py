@@ -224,7 +224,7 @@ def run_sample(input: str, target: int | None = None, *, summary: bool = True,
         counts[:] += c
 
     map_tasks(counts_task, shards, kwargs={"root": ds.root, "p": p, "k1": k1}, desc="sample counts",
-              memory=res.memory_per_task, on_result=add)
+              memory=res.task_memory(), on_result=add)
     n_ok = int(counts.sum())
     if n_ok == 0:
         raise DatasetError(f"{ds.root} has no clustered samples to select from")
@@ -232,8 +232,8 @@ def run_sample(input: str, target: int | None = None, *, summary: bool = True,
     if params.target > n_ok:
         warns.append(f"target {params.target} is larger than the {n_ok} clustered samples; selecting all of them")
     share = shares_from_level1_counts(counts, parents, min(params.target, n_ok), params.seed)
-    limit, last_key = thresholds(ds.root, shards, p, share, counts, res.memory_per_task)
-    result = stage.write_parts(write_task, memory=res.memory_per_task,
+    limit, last_key = thresholds(ds.root, shards, p, share, counts, res.task_memory())
+    result = stage.write_parts(write_task, memory=res.task_memory(),
                                kwargs={"p": p, "share": share, "limit": limit, "last_key": last_key})
     top = counts
     for par in parents:

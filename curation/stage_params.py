@@ -19,6 +19,9 @@ from pydantic import Field, field_validator, model_validator
 from webcurate.shards.params import Params
 
 Cosine = Field(ge=-1.0, le=1.0)
+# memory_per_task=auto stays within these: below, tasks get too small to amortise their start; above, one
+# task's vectors no longer spread over a node's cores.
+AUTO_TASK_MEMORY = (1 << 30, 8 << 30)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30, "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
 
@@ -52,18 +55,30 @@ class TaskResources(Params):
     """How the Ray tasks of a global stage are sized (never recorded: results do not depend on it)."""
 
     memory_per_task: Union[str, int] = Field(
-        "2GiB", description="Memory one Ray task may use (e.g. 2GiB): bounds the vectors each task holds "
-                            "and is reserved with Ray, so tasks fit the nodes.")
+        "auto", description="Memory one Ray task may use (e.g. 2GiB): bounds the vectors each task holds "
+                            "and is reserved with Ray, so tasks fit the nodes; auto: the smallest node's "
+                            "memory per CPU, within 1-8 GiB.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per search task: faiss runs on them when it has GPU "
                                                    "support (faiss-gpu) and the cluster has GPUs; else CPU.")
 
     @field_validator("memory_per_task")
     @classmethod
-    def _bytes(cls, v: Any) -> int:
+    def _bytes(cls, v: Any) -> Union[int, str]:
+        if str(v).strip().lower() == "auto":
+            return "auto"
         n = parse_bytes(v)
         if n < 16 << 20:
             raise ValueError(f"must be at least 16MiB, got {v!r}")
         return n
+
+    def task_memory(self) -> int:
+        """Bytes per task: ``memory_per_task``, or for ``auto`` a CPU's share of the smallest node (starts Ray)."""
+        if self.memory_per_task != "auto":
+            return int(self.memory_per_task)
+        from webcurate.shards.ray_runtime import init_ray, min_node_memory_per_cpu
+
+        init_ray()
+        return int(min(max(min_node_memory_per_cpu(), AUTO_TASK_MEMORY[0]), AUTO_TASK_MEMORY[1]))
 
 
 class EmbedParams(Params):

@@ -52,3 +52,12 @@ def max_node_cpus() -> float:
 
     cpus = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     return max(cpus, default=1.0)
+
+
+def min_node_memory_per_cpu() -> float:
+    """Bytes of Ray ``memory`` per CPU on the alive node with the least: what one task per CPU can reserve."""
+    import ray
+
+    shares = [float(r.get("memory", 0.0)) / float(r["CPU"]) for r in
+              (n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")) if r.get("CPU")]
+    return min(shares, default=2.0 * (1 << 30))

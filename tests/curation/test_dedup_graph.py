@@ -67,3 +67,16 @@ def test_size_groups_fits_the_budget_where_three_times_the_database_does_not():
     assert groups > naive
     assert true_rows.max() <= budget * 1.05, (true_rows.max(), est)
     assert abs(est - true_rows.max()) <= 0.05 * true_rows.max()
+
+
+def test_memory_per_task_auto_is_a_cpus_share_of_the_smallest_node(ray_local):
+    import ray
+
+    from webcurate.curation.stage_params import AUTO_TASK_MEMORY, TaskResources
+
+    res = TaskResources()
+    assert res.memory_per_task == "auto"
+    node = next(n["Resources"] for n in ray.nodes() if n["Alive"])
+    share = node["memory"] / node["CPU"]
+    assert res.task_memory() == int(min(max(share, AUTO_TASK_MEMORY[0]), AUTO_TASK_MEMORY[1]))
+    assert TaskResources(memory_per_task="64MiB").task_memory() == 64 << 20
