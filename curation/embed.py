@@ -345,10 +345,11 @@ def run_embed(input: str, model: str | None = None, *, summary: bool = True, **o
     title = f"embed {info.model} ({info.dim}-d, {info.source}): {dataset.root}"
     result = stage.finish(result, summary=summary, title=title, **extra)
     result.info.update(info.as_dict(), dtype=params.dtype)
-    health = extra.get("health") or entry.get("health") or {}
-    if health.get("warning"):
-        result.warnings.append(health["warning"])
-        print(f"warning: {health['warning']}")
+    for part in ("health", "calibration"):
+        found = extra.get(part) or entry.get(part) or {}
+        if found.get("warning"):
+            result.warnings.append(found["warning"])
+            print(f"warning: {found['warning']}")
     return result
 
 

@@ -147,3 +147,11 @@ def test_a_seed_set_embedded_at_another_image_size_warns(search_pool, tmp_path):
         warnings.simplefilter("always")
         run_retrieve(search_pool.root, [seeds], k=1, exclude_duplicates=False, summary=False)
     assert any("embedded at 32px" in str(w.message) and "64px" in str(w.message) for w in caught)
+
+
+def test_calibration_warns_when_many_pool_images_have_a_neighbour_above_the_copy_threshold():
+    from webcurate.curation.embedding_health import NEIGHBOUR_WARN_RATE, neighbour_warning
+
+    assert neighbour_warning(0.95, NEIGHBOUR_WARN_RATE) == {}
+    got = neighbour_warning(0.95, 0.067)["warning"]
+    assert "6.7% of sampled pool images" in got and "0.950" in got
