@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from webcurate.shards.ray_runtime import max_node_cpus
+from webcurate.shards.ray_runtime import cluster_cpus, max_node_cpus
 
 from . import knn
 from .embedding_parts import Part, normalized, read_part
@@ -37,6 +37,11 @@ from .ray_tasks import map_tasks, waves
 
 # Rows whose probe lists the driver samples to size the cell groups (~8 MB at nprobe 10).
 PROBE_SAMPLE = 100_000
+# Cell groups per cluster CPU at least: with one group per CPU the largest (cells are uneven) runs alone at
+# the end; 1M x 384 on 2 CPUs had 2 groups and took 2.4x the wall of the per-part search
+# (bench/results/curation_scale.md). Groups below MIN_GROUP_ROWS are not worth a task of their own.
+GROUPS_PER_CPU = 2
+MIN_GROUP_ROWS = 50_000
 GROUPING_ROUNDS = 4
 TRAIN_CPUS = 8
 
@@ -184,16 +189,16 @@ def group_rows(cell_group: np.ndarray, sizes: np.ndarray, probe_sample: np.ndarr
 
 
 def size_groups(centroids: np.ndarray, sizes: np.ndarray, probe_sample: np.ndarray, scale: float,
-                budget_rows: int, seed: int) -> tuple[np.ndarray, int, int]:
+                budget_rows: int, seed: int, min_groups: int = 1) -> tuple[np.ndarray, int, int]:
     """Cell groups whose largest estimated task (database + queries) fits ``budget_rows``.
 
-    Starts from 3x the database rows (queries visit ~2-3 groups) and adds
-    groups until the estimate fits; more groups spread a query over more of
-    them, hence the re-estimate each round. Returns ``(cell_group, groups,
-    largest estimated rows)``.
+    Starts from 3x the database rows (queries visit ~2-3 groups), or
+    ``min_groups`` if more, and adds groups until the estimate fits; more
+    groups spread a query over more of them, hence the re-estimate each round.
+    Returns ``(cell_group, groups, largest estimated rows)``.
     """
     live = int(sizes.sum())
-    groups = max(1, math.ceil(3 * live / budget_rows))
+    groups = min(len(sizes), max(1, min_groups, math.ceil(3 * live / budget_rows)))
     for _ in range(GROUPING_ROUNDS):
         cell_group = knn.group_cells(centroids, sizes, groups, seed)
         largest = float(group_rows(cell_group, sizes, probe_sample, scale, groups).max(initial=0))
@@ -201,6 +206,11 @@ def size_groups(centroids: np.ndarray, sizes: np.ndarray, probe_sample: np.ndarr
             break
         groups = min(len(sizes), math.ceil(groups * largest / budget_rows * 1.05))
     return cell_group, groups, int(largest)
+
+
+def min_task_groups(live: int) -> int:
+    """Cell groups enough to keep every cluster CPU busy to the end, for ``live`` database rows."""
+    return max(1, min(int(GROUPS_PER_CPU * cluster_cpus()), live // MIN_GROUP_ROWS))
 
 
 @dataclass
@@ -273,7 +283,7 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
             probe_sample.append(picked)
         probe_sample = np.concatenate(probe_sample)
         cell_group, groups, est = size_groups(centroids, sizes, probe_sample, live / max(len(probe_sample), 1),
-                                              budget_rows, seed)
+                                              budget_rows, seed, min_groups=min_task_groups(live))
         del probe_sample
         plan_waves = waves(groups, 3 * live * plan.dim * 2)  # float16 rows, ~3 copies over the groups
         for wave in plan_waves:

@@ -159,11 +159,11 @@ def search_block(db_x: np.ndarray, db_gid: np.ndarray, q_x: np.ndarray, q_gid: n
         else:
             sims, ids = index.search(q, kk)
         qg = q_gid[s:s + SEARCH_CHUNK]
-        keep = (ids >= 0) & (sims > threshold)
-        keep[keep] = db_gid[ids[keep]] != np.broadcast_to(qg[:, None], ids.shape)[keep]
+        hit = db_gid[np.maximum(ids, 0)]
+        keep = (ids >= 0) & (sims > threshold) & (hit != qg[:, None])
         rows = np.broadcast_to(np.arange(len(q))[:, None], ids.shape)[keep]
         qs.append(qg[rows])
-        ds.append(db_gid[ids[keep]])
+        ds.append(hit[keep])
         ss.append(sims[keep])
     return np.concatenate(qs).astype(np.int64), np.concatenate(ds).astype(np.int64), np.concatenate(ss)
 
@@ -181,7 +181,7 @@ def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, k: int) -> tuple[np
     q, d, s = q[order], d[order], s[order]
     start = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
     rank = np.arange(len(q)) - np.repeat(start, np.diff(np.r_[start, len(q)]))
-    keep = (rank < k) & (q != d)  # q != d: a caller's own self-hits, should it pass them
+    keep = rank < k
     if not keep.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     a, b, s = np.minimum(q[keep], d[keep]), np.maximum(q[keep], d[keep]), s[keep]

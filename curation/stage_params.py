@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from webcurate.shards.params import Params
 
@@ -60,6 +60,7 @@ class TaskResources(Params):
                             "memory per CPU, within 1-8 GiB.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per search task: faiss runs on them when it has GPU "
                                                    "support (faiss-gpu) and the cluster has GPUs; else CPU.")
+    _resolved: Optional[int] = PrivateAttr(None)
 
     @field_validator("memory_per_task")
     @classmethod
@@ -72,13 +73,19 @@ class TaskResources(Params):
         return n
 
     def task_memory(self) -> int:
-        """Bytes per task: ``memory_per_task``, or for ``auto`` a CPU's share of the smallest node (starts Ray)."""
-        if self.memory_per_task != "auto":
-            return int(self.memory_per_task)
-        from webcurate.shards.ray_runtime import init_ray, min_node_memory_per_cpu
+        """Bytes per task: ``memory_per_task``, or for ``auto`` a CPU's share of the smallest node (starts Ray).
 
-        init_ray()
-        return int(min(max(min_node_memory_per_cpu(), AUTO_TASK_MEMORY[0]), AUTO_TASK_MEMORY[1]))
+        Resolved once per instance: a stage sizes all its tasks alike.
+        """
+        if self._resolved is None:
+            if self.memory_per_task != "auto":
+                self._resolved = int(self.memory_per_task)
+            else:
+                from webcurate.shards.ray_runtime import init_ray, min_node_memory_per_cpu
+
+                init_ray()
+                self._resolved = int(min(max(min_node_memory_per_cpu(), AUTO_TASK_MEMORY[0]), AUTO_TASK_MEMORY[1]))
+        return self._resolved
 
 
 class EmbedParams(Params):

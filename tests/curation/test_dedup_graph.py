@@ -69,6 +69,29 @@ def test_size_groups_fits_the_budget_where_three_times_the_database_does_not():
     assert abs(est - true_rows.max()) <= 0.05 * true_rows.max()
 
 
+def test_size_groups_keeps_every_cpu_busy_when_one_group_would_fit():
+    """A budget that one group fits still gets ``min_groups`` groups: one uneven group must not run alone."""
+    from webcurate.curation.dedup_graph import size_groups
+
+    rng = np.random.default_rng(1)
+    nlist, n = 64, 20_000
+    home = rng.integers(0, nlist, n)
+    sizes = np.bincount(home, minlength=nlist)
+    probes = home[:, None]
+    _, groups, _ = size_groups(_unit(nlist, 16, 3), sizes, probes, 1.0, 10 * n, 0)
+    assert groups == 1
+    cell_group, groups, _ = size_groups(_unit(nlist, 16, 3), sizes, probes, 1.0, 10 * n, 0, min_groups=4)
+    assert groups == 4 and set(cell_group.tolist()) == {0, 1, 2, 3}
+
+
+def test_min_task_groups_scales_with_cluster_cpus_not_for_small_data(ray_local):
+    from webcurate.curation.dedup_graph import GROUPS_PER_CPU, MIN_GROUP_ROWS, min_task_groups
+    from webcurate.shards.ray_runtime import cluster_cpus
+
+    assert min_task_groups(MIN_GROUP_ROWS - 1) == 1
+    assert min_task_groups(10**9) == int(GROUPS_PER_CPU * cluster_cpus())
+
+
 def test_memory_per_task_auto_is_a_cpus_share_of_the_smallest_node(ray_local):
     import ray
 
