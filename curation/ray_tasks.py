@@ -76,7 +76,7 @@ def map_tasks(
     """Run ``fn`` per item as Ray tasks; returns ``{item: result}`` unless ``on_result`` takes them.
 
     ``keep_refs``: results are left in the object store and ``{item: ObjectRef}``
-    (a list of ``num_returns`` refs each) is returned without waiting.
+    (a list of ``num_returns`` refs each) is returned once they are all computed.
     """
     import ray
 
@@ -97,7 +97,9 @@ def map_tasks(
         return remote.remote(fn, item, kw_ref, ray.put(own) if own is not None else None, threads)
 
     if keep_refs:
-        return {item: submit(item) for item in items}
+        refs = {item: submit(item) for item in items}
+        _computed(refs, desc)
+        return refs
     limit = in_flight or max(2, int(2 * cluster_cpus() // max(cpus, 1e-3)))
     out: dict[Hashable, Any] = {}
     user_errors: dict[Hashable, BaseException] = {}
@@ -145,6 +147,28 @@ def map_tasks(
         raise TaskError(f"{len(failed)} {desc} task(s) failed after retries; nothing of this step was recorded, "
                         f"re-run the command to redo it:\n{lines}\n{hint}")
     return out
+
+
+def _computed(refs: dict[Hashable, Any], desc: str) -> None:
+    """Wait until every ref is computed (not fetched).
+
+    The next phase's tasks ``ray.get`` these refs inside the task while holding
+    their memory reservation; submitted before their inputs exist, they can
+    take all of a node's memory resource and leave the producers unscheduled
+    (a deadlock seen at 1M rows with 4 cell groups of 8 GiB on a 17 GiB node).
+    """
+    import ray
+
+    from webcurate.shards.progress import progress_bar
+
+    pending = [r for v in refs.values() for r in (v if isinstance(v, list) else [v])]
+    bar = progress_bar(total=len(pending), desc=desc, unit="result")
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            bar.update(len(ready))
+    finally:
+        bar.close()
 
 
 def waves(groups: int, volume_bytes: float, store_share: float = 0.3) -> list[list[int]]:
