@@ -25,6 +25,11 @@ of the two cosines (= the cosine of the concatenated, block-normalised
 vectors, which ``dedup --method copy`` would run as is). These rows are the
 product's graph + components on candidate edges, not a product stage.
 
+Then the product's pixel views (``dedup --pixel-threshold``, curation/pixel_views.py: 16x16
+thumbnails of the image and of centre crops zoomed to 0.875 and 0.75, any view against any
+view) end to end through ``run_dedup``: alone (an embedding threshold nothing passes) and
+joined with the embedding graph at the calibrated embedding threshold.
+
 A planted pair counts as found when the copy and its original end in one
 component. Precision = planted members among removed samples (CIFAR-10 has a
 few natural near-duplicates of its own, which count against it). Finally
@@ -126,6 +131,9 @@ COMBO_FLOOR = 0.8
 PIXEL_AND = [0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
 MEAN_T = [0.85, 0.9, 0.92, 0.94, 0.96, 0.98]
 TARGET_PRECISION, TARGET_RECALL = 0.9, 0.8
+# Pixel views (curation/pixel_views.py) through run_dedup; NONE_T: an embedding threshold nothing passes.
+PIXEL_VIEW_T = [0.95, 0.97, 0.98]
+NONE_T = 0.99999
 
 
 @dataclass
@@ -198,15 +206,17 @@ def pareto(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["recall"])
 
 
-def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int) -> dict:
-    """``run_dedup`` (copy) at ``threshold`` through the product; planted-pair recall and precision from its sidecar."""
+def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pixel_threshold=None) -> dict:
+    """``run_dedup`` (copy) at ``threshold`` (and ``pixel_threshold``) through the product; planted-pair recall and
+    precision from its sidecar."""
     from webcurate.curation.dedup import MassRemovalError, run_dedup
     from webcurate.shards.dataset import Dataset
     from webcurate.shards.keys import make_key
 
     t = time.time()
     try:
-        res = run_dedup(root, method="copy", k=k, threshold=threshold, summary=False)
+        res = run_dedup(root, method="copy", k=k, threshold=threshold, pixel_threshold=pixel_threshold,
+                        summary=False)
     except MassRemovalError as e:
         return {"refused": str(e).splitlines()[0], "seconds": time.time() - t}
     secs = time.time() - t
@@ -221,6 +231,7 @@ def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int) -> 
     found = np.array([keeper(o) == keeper(c) for o, c in zip(truth.orig, truth.copy)])
     removed = int(res.totals.get("removed", 0))
     return {"threshold": res.info.get("threshold"), "source": res.info.get("threshold_source"),
+            "pixel_threshold": pixel_threshold, "pixel_only_edges": res.info.get("pixel_only_edges"),
             "index": res.info.get("index"), "removed": removed, "recall": float(found.mean()),
             "precision": min(int(found.sum()) / removed, 1.0) if removed else 1.0,
             "by_kind": {kd: float(found[truth.kinds == kd].mean()) for kd in VARIANTS}, "seconds": secs}
@@ -363,6 +374,20 @@ def main() -> None:
                   f"(quality / crop / resize {' / '.join(format(r['by_kind'][kd], '.2f') for kd in VARIANTS)}), "
                   f"precision {r['precision']:.3f}")
         save(args.json, out, exact=exact, end_to_end=e2e)
+    # The product's pixel views (dedup --pixel-threshold): alone (embedding threshold NONE_T joins nothing)
+    # and joined with the embedding graph at the calibrated threshold.
+    print("\n| run_dedup end to end | embedding threshold | pixel threshold | planted-pair recall "
+          "| recall quality / crop / resize | precision | removed | seconds |\n|---|---|---|---|---|---|---|---|")
+    for emb_t in (NONE_T, "auto"):
+        for px_t in PIXEL_VIEW_T:
+            label = f"pixels {px_t}, embeddings {emb_t}"
+            e2e[label] = r = end_to_end(root, [nm for nm, _, _ in items], truth, emb_t, args.k, px_t)
+            if "refused" in r:
+                print(f"| copy + pixel views | {emb_t} | {px_t} | refused: {r['refused']} |")
+                continue
+            print(f"| copy + pixel views | {'none' if emb_t == NONE_T else r['threshold']} | {px_t} | {fmt(r)} "
+                  f"| {r['seconds']:.1f} |")
+            save(args.json, out, end_to_end=e2e)
     print(f"embed {emb_info['seconds']:.0f}s ({n / emb_info['seconds']:.0f} img/s); load average "
           f"{os.getloadavg()[0]:.1f}")
     if not args.workdir:

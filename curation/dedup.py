@@ -6,7 +6,11 @@ Methods (the decision is global, computed as Ray tasks; the output per shard):
 - ``copy`` (DINOv2 recipe): exact first, then the kNN graph of the embeddings
   (``k`` neighbours, cosine > ``threshold``; ``auto`` = the threshold ``embed``
   calibrated on augmented copies of this pool), connected components, the
-  best-ranked sample of each component kept.
+  best-ranked sample of each component kept. With ``pixel_threshold`` the graph
+  also holds the edges of the pixel views (``pixel_views.py``: thumbnails of the
+  image and of zoomed-in centre crops, any view against any view): pixel-level
+  copies that an embedding not trained for copy detection confuses with
+  same-class photos.
 - ``semdedup`` (Abbas et al. 2023): exact first, then spherical k-means; inside
   each cluster, samples in keep-policy order are dropped when their max cosine
   to an already kept sample is >= 1 - ``eps``.
@@ -36,7 +40,7 @@ import numpy as np
 from webcurate.shards.errors import ConfigError
 from webcurate.shards.stage import StageResult
 
-from .dedup_graph import PartPlan, knn_graph
+from .dedup_graph import Graph, PartPlan, knn_graph
 from .embedding_parts import (EmbeddingSet, embedding_set, mismatch_counts, mismatch_warning, normalized,
                               read_index_part, read_part)
 from .ray_tasks import map_tasks
@@ -110,6 +114,25 @@ def node_info(plan: PartPlan, gids: np.ndarray, memory: int) -> tuple[np.ndarray
     return keys, px, nb
 
 
+def _with_pixel_edges(graph: Graph, plan: PartPlan, params: DedupParams, res: TaskResources,
+                      info: dict[str, Any]) -> Graph:
+    """The embedding graph joined with the pixel-view graph (``pixel_views.py``) over the same samples."""
+    from .pixel_views import STAGE as PIXELS, run_pixels
+
+    got = run_pixels(plan.root, side=params.pixel_side, zooms=tuple(params.pixel_zooms))
+    pixel_plan = PartPlan(plan.root, plan.shards, plan.counts, got["dim"], plan.exclude, sidecar=PIXELS,
+                          views=got["views"])
+    px = knn_graph(pixel_plan, k=params.k, threshold=float(params.pixel_threshold), index=params.index,
+                   nprobe=params.nprobe, seed=params.seed, memory=res.task_memory(), gpus=res.num_gpus)
+    a = np.concatenate([graph.src, px.src])
+    b = np.concatenate([graph.dst, px.dst])
+    s = np.concatenate([graph.sim, px.sim])
+    pairs, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+    info.update(pixel_edges=int(len(px.src)), pixel_only_edges=int(len(pairs) - len(graph.src)),
+                pixel_index=px.info.get("index"), pixel_descriptor_failures=int(got["counts"].get("failed", 0)))
+    return Graph(pairs[:, 0], pairs[:, 1], s[first].astype(np.float32), graph.info)
+
+
 def copy_step(plan: PartPlan, params: DedupParams, threshold: float, res: TaskResources, dec: Decisions,
               info: dict[str, Any]):
     """kNN graph + components; the best-ranked member of each component stays."""
@@ -118,6 +141,8 @@ def copy_step(plan: PartPlan, params: DedupParams, threshold: float, res: TaskRe
 
     graph = knn_graph(plan, k=params.k, threshold=threshold, index=params.index, nprobe=params.nprobe,
                       seed=params.seed, memory=res.task_memory(), gpus=res.num_gpus)
+    if params.pixel_threshold is not None:
+        graph = _with_pixel_edges(graph, plan, params, res, info)
     nodes, labels = components(graph.src, graph.dst)
     keys, px, nb = node_info(plan, nodes, res.task_memory())
     keeper = best_member(labels, rank_of(list(keys), px, nb, params.keep))

@@ -55,6 +55,10 @@ class PartPlan:
     counts: dict[int, int]
     dim: int
     exclude: dict[int, np.ndarray] = field(default_factory=dict)
+    # Another sidecar of the embeddings schema, whose rows hold ``views`` vectors of ``dim`` each
+    # (pixel_views.py); every view is searched, an edge joins the samples (gids), never two views.
+    sidecar: str = "embeddings"
+    views: int = 1
 
     def __post_init__(self) -> None:
         self.offsets = {}
@@ -67,6 +71,10 @@ class PartPlan:
     def part_args(self, shard: int) -> dict:
         return {"offset": self.offsets[shard], "exclude": self.exclude.get(shard, np.zeros(0, np.int64))}
 
+    def common(self) -> dict:
+        """What every task needs to read a part: root, dim, sidecar, views."""
+        return {"root": self.root, "dim": self.dim, "sidecar": self.sidecar, "views": self.views}
+
     def shard_of(self, gid: np.ndarray) -> np.ndarray:
         """Shard of each gid."""
         starts = np.array([self.offsets[s] for s in self.shards], dtype=np.int64)
@@ -78,22 +86,28 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def load(root: str, shard: int, dim: int, offset: int, exclude: np.ndarray,
-         stored: bool = False) -> tuple[Part, np.ndarray, np.ndarray]:
-    """A part's vectors minus ``exclude``: (part, gids (m,), vectors (m, D) float32 normalised).
+def load(root: str, shard: int, dim: int, offset: int, exclude: np.ndarray, stored: bool = False,
+         sidecar: str = "embeddings", views: int = 1) -> tuple[Part, np.ndarray, np.ndarray]:
+    """A part's vectors minus ``exclude``: (part, gids (m V,), vectors (m V, D) float32 normalised).
 
     ``stored``: the vectors as stored instead (float16 mostly): what is shipped to other
-    tasks, which apply ``normalized`` and so compute on the very same bits.
+    tasks, which apply ``normalized`` and so compute on the very same bits. With ``views``
+    V > 1 each row's V vectors follow each other, all under the row's gid (so a search
+    drops a sample's own views as self-hits).
     """
-    part = read_part(root, shard, dim)
+    part = read_part(root, shard, dim * views, sidecar=sidecar)
     keep = ~np.isin(part.rows, exclude)
-    return part, offset + part.rows[keep], (part.stored if stored else part.vectors)[keep]
+    gid, x = offset + part.rows[keep], (part.stored if stored else part.vectors)[keep]
+    if views > 1:
+        gid, x = np.repeat(gid, views), x.reshape(-1, dim)
+        x = x if stored else normalized(x)
+    return part, gid, x
 
 
 def sample_task(shard: int, *, root: str, dim: int, rate: float, seed: int, offset: int,
-                exclude: np.ndarray) -> np.ndarray:
+                exclude: np.ndarray, sidecar: str = "embeddings", views: int = 1) -> np.ndarray:
     """A seeded share ``rate`` of one part's vectors, in row order: (m, D) float32 (all of them at rate 1)."""
-    _, _, x = load(root, shard, dim, offset, exclude)
+    _, _, x = load(root, shard, dim, offset, exclude, sidecar=sidecar, views=views)
     if rate >= 1:
         return x
     return x[np.random.default_rng([seed, shard]).random(len(x)) < rate]
@@ -108,24 +122,25 @@ def train_task(_: int, *, samples: list, nlist: int, seed: int, gpu: bool) -> np
 
 
 def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, nprobe: int, offset: int,
-                exclude: np.ndarray, gpu: bool, probe_rate: float, seed: int) -> tuple:
+                exclude: np.ndarray, gpu: bool, probe_rate: float, seed: int, sidecar: str = "embeddings",
+                views: int = 1) -> tuple:
     """``((cell sizes (nlist,), sampled probe ids (m, nprobe)), (gids, probe ids, probe sims))`` of one part.
 
     The sampled probe lists (a seeded share ``probe_rate`` of the rows) let the
     driver estimate how many queries each cell group will receive.
     """
-    _, gid, x = load(root, shard, dim, offset, exclude)
+    _, gid, x = load(root, shard, dim, offset, exclude, sidecar=sidecar, views=views)
     pi, pd = knn.probes(x, centroids, nprobe, gpu=gpu)
     picked = pi[np.random.default_rng([seed, shard, 1]).random(len(pi)) < probe_rate]
     return (np.bincount(pi[:, 0], minlength=centroids.shape[0]), picked), (gid, pi, pd)
 
 
 def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: list[int], offset: int,
-              exclude: np.ndarray) -> tuple:
+              exclude: np.ndarray, sidecar: str = "embeddings", views: int = 1) -> tuple:
     """One part split by the groups of one wave: per group, its database rows and the rows probing its cells."""
     import ray
 
-    _, gid, x = load(root, shard, dim, offset, exclude, stored=True)
+    _, gid, x = load(root, shard, dim, offset, exclude, stored=True, sidecar=sidecar, views=views)
     gid_p, pi, pd = ray.get(probe) if not isinstance(probe, tuple) else probe
     assert np.array_equal(gid, gid_p), "parts changed between two passes"
     probe_groups = cell_group[pi]
@@ -158,10 +173,10 @@ def group_task(group: int, *, buckets: list, centroids: np.ndarray, kk: int, thr
 
 
 def block_task(pair: tuple[int, int], *, root: str, dim: int, blocks: list, plan_args: dict, kk: int,
-               threshold: float, gpu: bool) -> tuple:
+               threshold: float, gpu: bool, sidecar: str = "embeddings", views: int = 1) -> tuple:
     """Exact search of query block ``pair[0]`` against database block ``pair[1]`` (each a list of shards)."""
     def read(shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        got = [load(root, s, dim, **plan_args[s])[1:] for s in shards]
+        got = [load(root, s, dim, **plan_args[s], sidecar=sidecar, views=views)[1:] for s in shards]
         if not got:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.concatenate([g for g, _ in got]), np.concatenate([x for _, x in got])
@@ -238,14 +253,16 @@ def _blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
 def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", nprobe: int | None = None,
               seed: int = 0, memory: int, gpus: float = 0.0) -> Graph:
     """The thresholded kNN graph over the plan's parts (see the module docstring)."""
-    live = plan.total - sum(len(v) for v in plan.exclude.values())
+    samples = plan.total - sum(len(v) for v in plan.exclude.values())
+    live = samples * plan.views  # vectors searched
     choice = knn.choose_index(max(live, 0), kind=index, nprobe=nprobe)
-    if k > live - 1 > 0:
-        warnings.warn(f"k={k} is larger than the {live - 1} other samples searched; using k={live - 1}",
+    if k > samples - 1 > 0:
+        warnings.warn(f"k={k} is larger than the {samples - 1} other samples searched; using k={samples - 1}",
                       stacklevel=3)
-    kk = int(min(k + 1, max(live, 1)))
+    k = int(min(k, max(samples - 1, 0)))
+    kk = int(min(k + plan.views, max(live, 1)))  # + the query itself (its V views) as self-hits
     gpu = gpus > 0
-    common = {"root": plan.root, "dim": plan.dim}
+    common = plan.common()
     per_part = {s: plan.part_args(s) for s in plan.shards}
     # A group task holds its R rows as float16 twice (buckets, concatenated) and float32 twice (normalised,
     # query copy), its D database rows twice more in float32 (copy, faiss lists): 12 R + 8 D bytes per
@@ -253,7 +270,7 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
     budget_rows = max(1024, memory // (14 * max(plan.dim, 1)))
     results: list[tuple] = []
     if choice.kind == "flat":
-        blocks = _blocks(plan, budget_rows // 2)
+        blocks = _blocks(plan, budget_rows // (2 * plan.views))
         pairs = [(i, j) for i in range(len(blocks)) for j in range(len(blocks))]
         map_tasks(block_task, pairs, kwargs={**common, "blocks": blocks, "plan_args": per_part, "kk": kk,
                                             "threshold": threshold, "gpu": gpu},
@@ -306,7 +323,7 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
     q = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
     d = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
     s = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.float32)
-    src, dst, sim = knn.merge_edges(q, d, s, kk - 1)
+    src, dst, sim = knn.merge_edges(q, d, s, max(k, 1))
     info.update(edges=int(len(src)), largest_task_bytes=max((int(r[3]) for r in results), default=0),
                 largest_task_rss=max((int(r[4]) for r in results), default=0))
     return Graph(src, dst, sim, info)

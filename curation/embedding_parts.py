@@ -92,10 +92,10 @@ def read_index_part(root: str, shard: int) -> IndexPart:
     return IndexPart(int(shard), t["key"].to_pylist(), col("width") * col("height"), col("bytes"), sha)
 
 
-def _read_table(root: str, shard: int):
+def _read_table(root: str, shard: int, sidecar: str = STAGE):
     from webcurate.shards import layout, storage
 
-    uri = layout.sidecar_uri(root, STAGE, shard)
+    uri = layout.sidecar_uri(root, sidecar, shard)
     try:
         t = storage.read_parquet(uri, columns=["key", "embedding", "status"])
     except FileNotFoundError:
@@ -142,12 +142,16 @@ def degenerate_rows(x: np.ndarray) -> np.ndarray:
     return np.ptp(x, axis=1) <= 1e-6 * np.maximum(np.abs(x).max(axis=1), 1e-30)
 
 
-def read_part(root: str, shard: int, dim: int | None = None, index: IndexPart | None = None) -> Part:
-    """Shard ``shard``'s usable embeddings of dataset ``root``, checked (see the module docstring)."""
+def read_part(root: str, shard: int, dim: int | None = None, index: IndexPart | None = None,
+              sidecar: str = STAGE) -> Part:
+    """Shard ``shard``'s usable embeddings of dataset ``root``, checked (see the module docstring).
+
+    ``sidecar``: another table of the same schema (``pixels``: pixel copy descriptors).
+    """
     import pyarrow.compute as pc
 
     index = index if index is not None else read_index_part(root, shard)
-    t, uri = _read_table(root, shard)
+    t, uri = _read_table(root, shard, sidecar)
     d = t.schema.field("embedding").type.list_size
     if dim is not None and d != dim:
         raise EmbeddingError(f"{uri} holds {d}-d embeddings, the rest of {root} {dim}-d; "

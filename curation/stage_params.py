@@ -144,6 +144,16 @@ class DedupParams(Params):
                                                   "auto (exact up to 30k samples).")
     nprobe: Optional[int] = Field(None, ge=1, description="IVF cells each sample searches [default: 10]; more "
                                                           "finds more near-duplicates, slower.")
+    pixel_threshold: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description="copy: also join samples whose pixel views have a cosine above this "
+        "(the `pixels` sidecar, computed on first use: the centre square and zoomed-in centre crops of each image, "
+        "side x side RGB). Finds re-encodes, resizes and crops that an embedding not trained for copy detection "
+        "misses or confuses with same-class photos; 0.97 measured on CIFAR-10 copies (BENCHMARKS.md). Off unless "
+        "given.")
+    pixel_side: int = Field(16, ge=4, le=64, description="Pixel views: side of each thumbnail.")
+    pixel_zooms: list[float] = Field(default_factory=lambda: [1.0, 0.875, 0.75], min_length=1, max_length=8,
+                                     description="Pixel views: share of the centre square each view covers "
+                                                 "(1 = whole; smaller = zoomed in, to meet crops). Repeatable.")
     seed: int = Field(0, description="Random seed (IVF cells, SemDeDup k-means).")
     max_removal: float = Field(0.5, gt=0.0, le=1.0, description="Refuse to remove more than this share of the "
                                                                 "pool (prints why) ...")
@@ -156,10 +166,21 @@ class DedupParams(Params):
             raise ValueError(f"a cosine must lie in [-1, 1], got {v}")
         return v
 
+    @field_validator("pixel_zooms")
+    @classmethod
+    def _zooms(cls, v: list[float]) -> list[float]:
+        bad = [z for z in v if not 0.25 <= z <= 1.0]
+        if bad:
+            raise ValueError(f"a pixel zoom is the share of the image side a view covers, in [0.25, 1]; got {bad}")
+        return v
+
     @model_validator(mode="after")
     def _against_needed(self) -> "DedupParams":
         if self.method == "none" and not self.against:
             raise ValueError("method none only makes sense with against DATASET")
+        if self.pixel_threshold is not None and self.method != "copy":
+            raise ValueError(f"pixel_threshold joins copies in the copy graph; it needs method copy, not "
+                             f"{self.method}")
         return self
 
     def record(self) -> dict[str, Any]:
