@@ -1,8 +1,10 @@
 """Dedup quality on CIFAR-10's train split with planted near-duplicates.
 
 Planted: ``--planted`` random train photos get one near-duplicate each
-(cycling: JPEG re-encode at quality 40, a 3-pixel crop on every side, a
-resize to 24x24), added to the split. Everything goes through the product:
+(cycling: JPEG re-encode at quality 40, a crop, a resize to 24x24; the crop
+is ``--crop centre`` by default: a seeded random share of 0.75-0.95 of each side
+around the centre; ``random`` puts it anywhere, ``fixed`` is the 3-pixel crop on
+every side of the first runs), added to the split. Everything goes through the product:
 shards written with ShardWriter, ``run_embed`` (Ray Data actor pool; a
 ``webcurate train`` backbone with ``--checkpoint``, else a **random-init**
 ``convnext_atto`` -- say which when quoting the numbers), then copy dedup.
@@ -26,9 +28,13 @@ vectors, which ``dedup --method copy`` would run as is). These rows are the
 product's graph + components on candidate edges, not a product stage.
 
 Then the product's pixel views (``dedup --pixel-threshold``, curation/pixel_views.py: 16x16
-thumbnails of the image and of centre crops zoomed to 0.875 and 0.75, any view against any
-view) end to end through ``run_dedup``: alone (an embedding threshold nothing passes) and
-joined with the embedding graph at the calibrated embedding threshold.
+thumbnails of the image and of centre crops zoomed along its ladder, any view against any
+view): the product's distributed pixel graph (``dedup_graph.knn_graph`` on the ``pixels``
+sidecar) scored at several thresholds, then ``run_dedup`` end to end at ``--pixel-threshold``:
+alone (an embedding threshold nothing passes) and joined with the embedding graph at the
+calibrated embedding threshold. ``--audit N`` draws N of the removals the planted truth
+calls false into a numbered grid (bench/dedup_audit.py); ``--audit-labels FILE`` (a person's
+same/different marks of those pairs) turns them into an audited precision estimate.
 
 A planted pair counts as found when the copy and its original end in one
 component. Precision = planted members among removed samples (CIFAR-10 has a
@@ -63,13 +69,19 @@ CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sh
 VARIANTS = ("quality", "crop", "resize")
 
 
-def near_duplicate(data: bytes, kind: str) -> bytes:
+def near_duplicate(data: bytes, kind: str, rng: np.random.Generator | None = None, crop: str = "fixed") -> bytes:
     from PIL import Image
 
     im = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = im.size
-    if kind == "crop":
+    if kind == "crop" and crop == "fixed":
         im = im.crop((3, 3, w - 3, h - 3))
+    elif kind == "crop":
+        share = rng.uniform(*CROP_SHARE)
+        cw, ch = round(w * share), round(h * share)
+        x, y = ((w - cw) // 2, (h - ch) // 2) if crop == "centre" else (rng.integers(0, w - cw + 1),
+                                                                        rng.integers(0, h - ch + 1))
+        im = im.crop((x, y, x + cw, y + ch))
     elif kind == "resize":
         im = im.resize((24, 24), Image.BICUBIC)
     buf = io.BytesIO()
@@ -131,8 +143,9 @@ COMBO_FLOOR = 0.8
 PIXEL_AND = [0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
 MEAN_T = [0.85, 0.9, 0.92, 0.94, 0.96, 0.98]
 TARGET_PRECISION, TARGET_RECALL = 0.9, 0.8
-# Pixel views (curation/pixel_views.py) through run_dedup; NONE_T: an embedding threshold nothing passes.
-PIXEL_VIEW_T = [0.95, 0.97, 0.98]
+# Pixel views (curation/pixel_views.py): the graph scored at these; NONE_T: an embedding threshold nothing passes.
+PIXEL_VIEW_T = [0.94, 0.95, 0.96, 0.97, 0.98]
+CROP_SHARE = (0.75, 0.95)  # --crop centre / random: share of each side the crop keeps
 NONE_T = 0.99999
 
 
@@ -206,9 +219,11 @@ def pareto(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["recall"])
 
 
-def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pixel_threshold=None) -> dict:
+def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pixel_threshold=None,
+               keepers: dict | None = None) -> dict:
     """``run_dedup`` (copy) at ``threshold`` (and ``pixel_threshold``) through the product; planted-pair recall and
-    precision from its sidecar."""
+    precision from its sidecar. ``keepers`` gets removed item -> kept item."""
+    keepers = {} if keepers is None else keepers
     from webcurate.curation.dedup import MassRemovalError, run_dedup
     from webcurate.shards.dataset import Dataset
     from webcurate.shards.keys import make_key
@@ -230,21 +245,24 @@ def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pix
 
     found = np.array([keeper(o) == keeper(c) for o, c in zip(truth.orig, truth.copy)])
     removed = int(res.totals.get("removed", 0))
+    pos = {make_key(nm): i for i, nm in enumerate(names)}
+    keepers.update({pos[k]: pos[dup[k]] for k, kept in keep.items() if not kept and dup.get(k) in pos})
     return {"threshold": res.info.get("threshold"), "source": res.info.get("threshold_source"),
             "pixel_threshold": pixel_threshold, "pixel_only_edges": res.info.get("pixel_only_edges"),
             "index": res.info.get("index"), "removed": removed, "recall": float(found.mean()),
-            "precision": min(int(found.sum()) / removed, 1.0) if removed else 1.0,
+            "precision": min(int(found.sum()) / removed, 1.0) if removed else 1.0, "tp": int(found.sum()),
             "by_kind": {kd: float(found[truth.kinds == kd].mean()) for kd in VARIANTS}, "seconds": secs}
 
 
-def plant(items: list, planted: int) -> tuple[list, Truth]:
+def plant(items: list, planted: int, crop: str = "fixed") -> tuple[list, Truth]:
     """Append one near-duplicate of ``planted`` random photos, shuffle; the items and where the pairs are."""
     n0 = len(items)
     rng = np.random.default_rng(1)
+    crop_rng = np.random.default_rng(3)
     for j, i in enumerate(np.sort(rng.choice(n0, planted, replace=False))):
         name, data, cls = items[i]
         kind = VARIANTS[j % len(VARIANTS)]
-        items.append((f"planted/{kind}/{name}", near_duplicate(data, kind), cls))
+        items.append((f"planted/{kind}/{name}", near_duplicate(data, kind, crop_rng, crop), cls))
     # Shuffle so copies and originals land in different shards.
     perm = np.random.default_rng(2).permutation(len(items))
     items = [items[i] for i in perm]
@@ -298,19 +316,27 @@ def main() -> None:
     ap.add_argument("--cifar", default=CIFAR)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write every row to this JSON file")
+    ap.add_argument("--crop", choices=("centre", "random", "fixed"), default="centre",
+                    help="planted crops: random share of the side around the centre, anywhere, or 3 px a side")
+    ap.add_argument("--pixel-threshold", type=float, default=0.96, help="run_dedup end to end with pixel views")
+    ap.add_argument("--audit", type=int, default=0, metavar="N",
+                    help="draw N removals the planted truth calls false (pixel views end to end) into a grid")
+    ap.add_argument("--audit-grid", default=None, help="PNG of the audit sample [default: WORKDIR/audit.png]")
+    ap.add_argument("--audit-labels", default=None, help="JSON of same/different marks for the audited pairs")
+    ap.add_argument("--pixels-only", action="store_true",
+                    help="skip the embedding-threshold, raw-pixel and combination rows (embed still runs: "
+                         "run_dedup's copy method reads the embeddings)")
     args = ap.parse_args()
     if args.quick:
         args.originals, args.planted = 5000, 250
     os.environ.setdefault("WEBCURATE_QUIET", "1")
 
-    from webcurate.curation.dedup import run_dedup
-    from webcurate.curation.knn import knn_edges_array
-
     t = time.time()
-    items, truth = plant(read_train(args.cifar, args.originals), args.planted)
+    items, truth = plant(read_train(args.cifar, args.originals), args.planted, args.crop)
     n = len(items)
     print(f"# dedup_cifar: {n - args.planted:,} CIFAR-10 train photos + {args.planted:,} planted near-duplicates "
-          f"({', '.join(VARIANTS)}); read in {time.time() - t:.1f}s; load {os.getloadavg()[0]:.1f}")
+          f"({', '.join(VARIANTS)}; crop: {args.crop}); read in {time.time() - t:.1f}s; "
+          f"load {os.getloadavg()[0]:.1f}")
     work = args.workdir or tempfile.mkdtemp(prefix="webcurate-dedupcifar-")
     root = os.path.join(work, "cifar")
     shutil.rmtree(root, ignore_errors=True)
@@ -318,12 +344,28 @@ def main() -> None:
     write_dataset(root, items, shard_size=5000)
     print(f"write shards: {time.time() - t:.1f}s")
     x_ours, ours, emb_info = embed_pool(root, items, args)
+    out = {"n": n, "planted": args.planted, "crop": args.crop, "embeddings": ours, "checkpoint": args.checkpoint,
+           "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}
+    if not args.pixels_only:
+        embedding_section(root, items, truth, x_ours, ours, args, out)
+    from dedup_pixel_views import pixel_section
+
+    pixel_section(root, items, truth, args, out, work)
+    print(f"embed {emb_info['seconds']:.0f}s ({n / emb_info['seconds']:.0f} img/s); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def embedding_section(root: str, items: list, truth: Truth, x_ours: np.ndarray, ours: str, args, out: dict) -> None:
+    """Embedding and raw-pixel thresholds, their combinations, exact sha256 and run_dedup at auto / best."""
+    from webcurate.curation.dedup import run_dedup
+    from webcurate.curation.knn import knn_edges_array
+
+    n = len(items)
     t = time.time()
     x_pix = pixel_vectors(items)
     print(f"raw-pixel vectors: {time.time() - t:.1f}s")
-
-    out = {"n": n, "planted": args.planted, "embeddings": ours, "checkpoint": args.checkpoint,
-           "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}
     rows, graphs = [], {}
     for name, x in ((ours, x_ours), ("peer: raw pixels", x_pix)):
         t = time.time()
@@ -374,24 +416,6 @@ def main() -> None:
                   f"(quality / crop / resize {' / '.join(format(r['by_kind'][kd], '.2f') for kd in VARIANTS)}), "
                   f"precision {r['precision']:.3f}")
         save(args.json, out, exact=exact, end_to_end=e2e)
-    # The product's pixel views (dedup --pixel-threshold): alone (embedding threshold NONE_T joins nothing)
-    # and joined with the embedding graph at the calibrated threshold.
-    print("\n| run_dedup end to end | embedding threshold | pixel threshold | planted-pair recall "
-          "| recall quality / crop / resize | precision | removed | seconds |\n|---|---|---|---|---|---|---|---|")
-    for emb_t in (NONE_T, "auto"):
-        for px_t in PIXEL_VIEW_T:
-            label = f"pixels {px_t}, embeddings {emb_t}"
-            e2e[label] = r = end_to_end(root, [nm for nm, _, _ in items], truth, emb_t, args.k, px_t)
-            if "refused" in r:
-                print(f"| copy + pixel views | {emb_t} | {px_t} | refused: {r['refused']} |")
-                continue
-            print(f"| copy + pixel views | {'none' if emb_t == NONE_T else r['threshold']} | {px_t} | {fmt(r)} "
-                  f"| {r['seconds']:.1f} |")
-            save(args.json, out, end_to_end=e2e)
-    print(f"embed {emb_info['seconds']:.0f}s ({n / emb_info['seconds']:.0f} img/s); load average "
-          f"{os.getloadavg()[0]:.1f}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def save(path: str | None, out: dict, **more) -> None:

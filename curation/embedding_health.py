@@ -195,7 +195,7 @@ def neighbour_warning(threshold: float, rate: float) -> dict[str, str]:
     return {"warning": f"copy threshold {threshold:.3f}: {rate:.1%} of sampled pool images have a nearest other "
                        f"image above it: the pool's own duplicates, or similar photos this backbone does not tell "
                        f"from copies (a copy-detection model does); check dedup's largest components, or dedup "
-                       f"on pixel views (--pixel-threshold 0.95 with a --threshold above {threshold:.3f})"}
+                       f"on pixel views (--pixel-threshold 0.96 with a --threshold above {threshold:.3f})"}
 
 
 RULE = ("threshold: where (copies above it) - (pool vectors whose nearest other vector is above it) is largest "

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from webcurate.shards.params import Params
+from .pixel_views import DEFAULT_ZOOMS as DEFAULT_PIXEL_ZOOMS
 
 Cosine = Field(ge=-1.0, le=1.0)
 # memory_per_task=auto stays within these: below, tasks get too small to amortise their start; above, one
@@ -148,10 +149,10 @@ class DedupParams(Params):
         None, gt=0.0, lt=1.0, description="copy: also join samples whose pixel views have a cosine above this "
         "(the `pixels` sidecar, computed on first use: the centre square and zoomed-in centre crops of each image, "
         "side x side RGB). Finds re-encodes, resizes and crops that an embedding not trained for copy detection "
-        "misses or confuses with same-class photos; 0.97 measured on CIFAR-10 copies (BENCHMARKS.md). Off unless "
+        "misses or confuses with same-class photos; 0.96 measured on CIFAR-10 copies (BENCHMARKS.md). Off unless "
         "given.")
     pixel_side: int = Field(16, ge=4, le=64, description="Pixel views: side of each thumbnail.")
-    pixel_zooms: list[float] = Field(default_factory=lambda: [1.0, 0.875, 0.75], min_length=1, max_length=8,
+    pixel_zooms: list[float] = Field(default_factory=lambda: list(DEFAULT_PIXEL_ZOOMS), min_length=1, max_length=8,
                                      description="Pixel views: share of the centre square each view covers "
                                                  "(1 = whole; smaller = zoomed in, to meet crops). Repeatable.")
     seed: int = Field(0, description="Random seed (IVF cells, SemDeDup k-means).")

@@ -16,16 +16,19 @@ def _crop(arr: np.ndarray, share: float) -> np.ndarray:
 
 
 def test_a_crops_whole_view_meets_its_originals_zoomed_view_not_an_unrelated_photo():
-    from webcurate.curation.pixel_views import views
+    from webcurate.curation.pixel_views import DEFAULT_ZOOMS, views
 
     photo = make_photo(7, size=(256, 256))
     original = views(jpeg_bytes(photo))
-    crop = views(jpeg_bytes(_crop(photo, 0.75)))
     other = views(jpeg_bytes(make_photo(8, size=(256, 256))))
-    assert original.shape == (3, 16 * 16 * 3)
+    assert original.shape == (len(DEFAULT_ZOOMS), 16 * 16 * 3)
     assert np.allclose(np.linalg.norm(original, axis=1), 1.0, atol=1e-5)
-    assert crop[0] @ original[2] > 0.97  # the crop covers 75 % of the side: zoom 0.75
-    assert crop[0] @ original[0] < crop[0] @ original[2]
+    crop = views(jpeg_bytes(_crop(photo, 0.81)))
+    assert crop[0] @ original[2] > 0.97  # the crop covers 81 % of the side: zoom 0.81
+    assert crop[0] @ original[0] < 0.7
+    # Crops between two zooms of the ladder still meet one of its views (the ladder's point).
+    for share in (0.95, 0.85, 0.77, 0.7):
+        assert (views(jpeg_bytes(_crop(photo, share))) @ original.T).max() > 0.97, share
     assert (other @ original.T).max() < 0.8
 
 
@@ -45,7 +48,7 @@ def test_pixels_sidecar_has_a_row_per_sample_and_a_failed_row_with_its_reason(se
     broken = rows[search_pool.broken[0]]
     assert broken["status"] == "failed" and broken["error"].startswith("decode:") and broken["embedding"] is None
     assert got["counts"] == {"total": len(search_pool.keys), "ok": len(search_pool.keys) - 1, "failed": 1}
-    assert got["dim"] == 16 * 16 * 3 and got["views"] == 3
+    assert got["dim"] == 16 * 16 * 3 and got["views"] == 5
     again = run_pixels(search_pool.root)
     assert again["shards_done"] == [] and again["shards_skipped"] == got["shards_done"]
 
