@@ -348,7 +348,7 @@ def main() -> None:
            "health": emb_info.get("health"), "calibration": emb_info.get("calibration")}
     if not args.pixels_only:
         embedding_section(root, items, truth, x_ours, ours, args, out)
-    from dedup_pixel_views import pixel_section
+    from _dedup_pixel_views import pixel_section
 
     pixel_section(root, items, truth, args, out, work)
     print(f"embed {emb_info['seconds']:.0f}s ({n / emb_info['seconds']:.0f} img/s); load average "
