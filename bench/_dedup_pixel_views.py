@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import time
 
@@ -30,7 +29,7 @@ SIDE = 64  # each photo drawn at 64 px (CIFAR's 32 px, nearest-neighbour x2)
 COLUMNS = 6
 
 
-def false_pairs(names: list[str], keeper_of: dict[int, int], planted: set[tuple[int, int]]) -> list[tuple[int, int]]:
+def false_pairs(keeper_of: dict[int, int], planted: set[tuple[int, int]]) -> list[tuple[int, int]]:
     """(removed, kept) item pairs whose two ends are not a planted (original, copy) pair, in removed order."""
     return [(r, k) for r, k in sorted(keeper_of.items()) if (min(r, k), max(r, k)) not in planted]
 
@@ -56,16 +55,6 @@ def draw_grid(path: str, pairs: list[tuple[int, int]], images: list[bytes]) -> N
     grid.save(path)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson interval of a share k / n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def audit(names: list[str], images: list[bytes], keeper_of: dict[int, int], planted: set[tuple[int, int]],
           tp: int, removed: int, *, sample: int, grid: str | None, labels: str | None, seed: int = 0) -> dict:
     """Draw the audit sample (and grid); with a labels file, the audited precision estimate and its interval.
@@ -74,7 +63,7 @@ def audit(names: list[str], images: list[bytes], keeper_of: dict[int, int], plan
     removals the planted truth calls false and q the share of audited pairs
     judged the same photo (Wilson interval carried through).
     """
-    pairs = false_pairs(names, keeper_of, planted)
+    pairs = false_pairs(keeper_of, planted)
     rng = np.random.default_rng(seed)
     picked = [pairs[i] for i in np.sort(rng.choice(len(pairs), min(sample, len(pairs)), replace=False))]
     out = {"false_pairs": len(pairs), "audited": [pair_id(names, p) for p in picked]}
@@ -85,9 +74,11 @@ def audit(names: list[str], images: list[bytes], keeper_of: dict[int, int], plan
         return out
     with open(labels) as f:
         marks = json.load(f)["pairs"]
+    from scipy.stats import binomtest
+
     judged = [marks[p] for p in out["audited"] if p in marks]
     same = sum(m == "same" for m in judged)
-    lo, hi = wilson(same, len(judged))
+    lo, hi = binomtest(same, len(judged)).proportion_ci(method="wilson") if judged else (0.0, 1.0)
     false = max(removed - tp, 0)
 
     def est(q: float) -> float:

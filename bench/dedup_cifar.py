@@ -33,7 +33,7 @@ view): the product's distributed pixel graph (``dedup_graph.knn_graph`` on the `
 sidecar) scored at several thresholds, then ``run_dedup`` end to end at ``--pixel-threshold``:
 alone (an embedding threshold nothing passes) and joined with the embedding graph at the
 calibrated embedding threshold. ``--audit N`` draws N of the removals the planted truth
-calls false into a numbered grid (bench/dedup_audit.py); ``--audit-labels FILE`` (a person's
+calls false into a numbered grid (bench/_dedup_pixel_views.py); ``--audit-labels FILE`` (a person's
 same/different marks of those pairs) turns them into an audited precision estimate.
 
 A planted pair counts as found when the copy and its original end in one
@@ -223,7 +223,6 @@ def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pix
                keepers: dict | None = None) -> dict:
     """``run_dedup`` (copy) at ``threshold`` (and ``pixel_threshold``) through the product; planted-pair recall and
     precision from its sidecar. ``keepers`` gets removed item -> kept item."""
-    keepers = {} if keepers is None else keepers
     from webcurate.curation.dedup import MassRemovalError, run_dedup
     from webcurate.shards.dataset import Dataset
     from webcurate.shards.keys import make_key
@@ -245,8 +244,9 @@ def end_to_end(root: str, names: list[str], truth: Truth, threshold, k: int, pix
 
     found = np.array([keeper(o) == keeper(c) for o, c in zip(truth.orig, truth.copy)])
     removed = int(res.totals.get("removed", 0))
-    pos = {make_key(nm): i for i, nm in enumerate(names)}
-    keepers.update({pos[k]: pos[dup[k]] for k, kept in keep.items() if not kept and dup.get(k) in pos})
+    if keepers is not None:
+        pos = {make_key(nm): i for i, nm in enumerate(names)}
+        keepers.update({pos[k]: pos[dup[k]] for k, kept in keep.items() if not kept and dup.get(k) in pos})
     return {"threshold": res.info.get("threshold"), "source": res.info.get("threshold_source"),
             "pixel_threshold": pixel_threshold, "pixel_only_edges": res.info.get("pixel_only_edges"),
             "index": res.info.get("index"), "removed": removed, "recall": float(found.mean()),

@@ -6,9 +6,10 @@ no embedding threshold is both precise and complete (bench/results/
 curation_dedup.md: precision 0.13 at recall 0.87 on CIFAR-10 copies). Raw
 pixels find re-encodes and resizes almost without false pairs but miss crops,
 because a crop is a zoom of its original. So every image gets ``Z`` views:
-its centre square and centre crops zoomed in by ``zooms`` (default 1, 0.9, 0.81, 0.73, 0.66), each ``side`` x
-``side`` RGB, mean-removed and L2-normalised. Copy-dedup searches every view
-against every view (a crop's whole view meets its original's zoomed view)
+its centre square and centre crops zoomed in by ``zooms`` (default 1, 0.9,
+0.81, 0.73, 0.66), each ``side`` x ``side`` RGB, mean-removed and
+L2-normalised. Copy-dedup searches every view against every view (a crop's
+whole view meets its original's zoomed view)
 and joins two images when any pair of their views exceeds
 ``--pixel-threshold`` (``dedup_graph`` with ``views=Z``).
 
