@@ -127,6 +127,7 @@ def label_models(L, L_dev, y_dev, K, with_snorkel):
     out["majority vote"] = mv.predict_proba(L)
     acc = {n: float((m.predict(L_dev) == y_dev)[m.predict(L_dev) >= 0].mean()) for n, m in (("lm", lm), ("mv", mv))}
     info["auto"] = choose_with_dev(acc["lm"], acc["mv"])
+    info["prior"] = f"{'released' if lm.prior_released else 'kept'} (agreement {lm.prior_agreement})"
     out["auto (ours: dev decides)"] = out["label model (ours)" if info["auto"] == "labelmodel" else "majority vote"]
     if with_snorkel:
         s = run_snorkel(L, K)
@@ -203,7 +204,7 @@ def print_closed(S, y, results, info, runs, names):
         cv = curve(pred, conf, y)
         full_acc[m] = cv[1.0]
         print(f"| {m} | " + " | ".join(f"{cv[c]:.4f}" for c in COVERAGES) + " |")
-    print(f"LFs: {', '.join(names)}; auto chose {info['auto']}")
+    print(f"LFs: {', '.join(names)}; auto chose {info['auto']}; label model prior {info['prior']}")
     for name, (run, sec) in runs.items():
         rounds = "; ".join(f"r{s['round']}: +{s['added']} (dev {s['dev_accuracy']:.3f})" for s in run.state.summaries)
         print(f"{name}: {rounds}; final dev {run.final.dev_accuracy:.3f}, T={run.final.temperature:.2f}, {sec:.0f} s")
