@@ -88,7 +88,7 @@ class LabelModel:
         agree with the prior's on at least this share of the items with
         votes (the prior only blurred tables the data can pin down: in
         bench/labeling_synthetic.py's structures 0.91-0.98 agreement, and
-        every release gained 0.1-2 points) and dropped otherwise (with
+        every release gained 0.1-2.2 points) and dropped otherwise (with
         sparse LFs sharing errors, EM drifts to latent groups that are not
         the classes once the prior is gone: 0.73-0.86 agreement). None keeps
         the prior always.
@@ -129,7 +129,6 @@ class LabelModel:
         if release_agreement is not None and not 0.0 < release_agreement <= 1.0:
             raise ValueError("release_agreement must be in (0, 1] or None")
         self.release_agreement = release_agreement
-        self._prior_weight = self.prior_strength  # 0 while the prior is being released
         self.prior_released = False
         self.prior_agreement: float | None = None
         self._anchor: list[np.ndarray] | None = None
@@ -187,8 +186,8 @@ class LabelModel:
                 ll[y] += tT[y].take(c)
         return ll
 
-    def _m_step(self, codes: np.ndarray, qw: np.ndarray) -> None:
-        """Tables and class balance from weighted posteriors ``qw`` (K, n)."""
+    def _m_step(self, codes: np.ndarray, qw: np.ndarray, prior_weight: float) -> None:
+        """Tables and class balance from weighted posteriors ``qw`` (K, n), the prior weighing ``prior_weight``."""
         K1 = self.K + 1
         tables = []
         for j, p in enumerate(self.parents):
@@ -204,8 +203,8 @@ class LabelModel:
                 # a class with little mass, and EM then pours everything into
                 # one class (10 one-class keyword LFs on a few hundred items).
                 counts += self._base[j][:, None] * (self.smoothing * K1)
-                if self._anchor is not None and self._prior_weight > 0:
-                    counts += self._anchor[j] * (self._prior_weight * self._anchor_mass / self.K)
+                if self._anchor is not None and prior_weight > 0:
+                    counts += self._anchor[j] * (prior_weight * self._anchor_mass / self.K)
                 probs = counts / counts.sum(axis=0, keepdims=True)
             else:
                 # Shrink each (parent vote, class) row toward the LF's own
@@ -229,19 +228,20 @@ class LabelModel:
             # EM cannot drain classes into one because that explains the
             # votes a little better (the collapse seen with many one-class LFs).
             pi = qw.sum(axis=1) + 1.0
-            if self._anchor is not None and self._prior_weight > 0:
-                pi = pi + self._anchor_balance * (self._prior_weight * self._anchor_mass)
+            if self._anchor is not None and prior_weight > 0:
+                pi = pi + self._anchor_balance * (prior_weight * self._anchor_mass)
             self.log_pi = np.log(pi / pi.sum())
         else:
             self.log_pi = np.log(self.fixed_balance)
 
-    def _em(self, codes: np.ndarray, w: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """EM from posteriors ``q`` (K, n) until the log-likelihood stops improving."""
+    def _em(self, codes: np.ndarray, w: np.ndarray, q: np.ndarray, prior: bool = True) -> np.ndarray:
+        """EM from posteriors ``q`` (K, n) until the log-likelihood stops improving (``prior``: with the prior)."""
+        prior_weight = self.prior_strength if prior else 0.0
         total = float(w.sum())
         prev = -np.inf
         cur = prev
         for it in range(self.max_iter):
-            self._m_step(codes, q * w[None, :])
+            self._m_step(codes, q * w[None, :], prior_weight)
             ll = self._loglik(codes)
             lse = logsumexp(ll, axis=0)
             cur = float(lse @ w)
@@ -291,7 +291,7 @@ class LabelModel:
         self.temperature = 1.0
         self.indep_probs = []
         self._anchor, self._anchor_mass = None, 0.0
-        self._prior_weight, self.prior_released, self.prior_agreement = self.prior_strength, False, None
+        self.prior_released, self.prior_agreement = False, None
         codes = self._codes(U)
         self._base = self._marginals(codes, w)
         q = self._em(codes, w, self._mv_init(U))
@@ -305,15 +305,9 @@ class LabelModel:
     def _release_prior(self, U: np.ndarray, w: np.ndarray, q: np.ndarray) -> None:
         """EM without the prior from posteriors ``q`` (K, u); kept only if its
         predictions agree with ``q``'s on ``release_agreement`` of the voted items."""
-        voted = np.any(U != ABSTAIN, axis=1)
-        if not voted.any():
-            return
+        voted = np.any(U != ABSTAIN, axis=1)  # fit() has already refused a matrix without votes
         saved = (self.tables, self.log_pi, self.log_likelihood)
-        self._prior_weight = 0.0
-        try:
-            q0 = self._em(self._codes(U), w, q)
-        finally:
-            self._prior_weight = self.prior_strength
+        q0 = self._em(self._codes(U), w, q, prior=False)
         wv = w[voted]
         same = q0.argmax(axis=0)[voted] == q.argmax(axis=0)[voted]
         self.prior_agreement = round(float(wv @ same / wv.sum()), 4)
