@@ -4,40 +4,29 @@
 with a learned dependency forest between LFs (``lf_links``):
 
 - every LF j has a full class-conditional output distribution
-  ``P(L_j = v | Y = y)`` over the K classes *and* abstain (so class-dependent
+  ``P(L_j = v | Y = y)`` over the K classes *and* abstain (class-dependent
   coverage and systematic confusions are learned, not just one accuracy);
-- LFs found to depend on each other beyond what the latent class explains
-  (an LF copying another, two near-identical keyword rules, kNN votes from
-  the same embeddings) are linked in a forest, and a linked LF is modelled
-  conditionally on its parent: ``P(L_j = v | L_parent = u, Y = y)``. Copies
-  therefore add only the evidence they really carry instead of being counted
-  twice, which is what makes majority vote and independent models over-trust
-  them. Links are found by comparing each pair's observed joint vote table
-  with the one the fitted model implies, then the model is refitted; a few
-  rounds at most;
-- the class balance is estimated (or fixed when given);
-- a Dirichlet prior centred on each LF's confusion table against majority
-  vote, and on majority vote's class balance (``prior_strength``), keeps EM
-  from explaining agreement among weak, correlated LFs with latent groups
-  that are not the classes, or from draining the classes into one;
-- the smoothing pseudo-counts of a table are shaped like the LF's observed
-  output distribution, not spread uniformly over the cells: add-one per cell
-  charges every class for the codes a one-class LF never emits, much more
-  in relative terms for a class with little mass, which made EM put 0.97 of
-  the balance on one class with 10 one-class keyword LFs on 320 items;
-- everything is deterministic: initialisation from majority vote, no random
-  restarts, ties broken by the class prior then the lowest class index;
-- probabilities are the model's posteriors (calibrated when the model
-  fits); with a labelled dev set ``calibrate`` fits a temperature on top.
+- LFs that depend on each other beyond what the latent class explains (a
+  copy, near-identical keyword rules, kNN votes from one embedding) are
+  linked in a forest and a linked LF is modelled given its parent,
+  ``P(L_j = v | L_parent = u, Y = y)``, so copies add only the evidence they
+  carry. Links come from pair misfits against the fit, then a refit (a few
+  rounds); they are kept unless the LFs outside every link, as referees
+  (``referees``), side with the fit without links by a clear margin (on one
+  mixed draw the links cost 3.5 points);
+- a Dirichlet prior centred on majority vote's confusion tables and class
+  balance (``prior_strength``) keeps EM on the classes with weak, correlated
+  LFs, and is released when the fit without it stays there
+  (``release_agreement``);
+- deterministic: initialised from majority vote, no random restarts, ties to
+  the class prior then the lowest index; probabilities are the posteriors,
+  and ``calibrate`` fits a temperature on a labelled dev set.
 
-Rows of the label matrix that repeat are fitted once with a weight, so a
-million items with few distinct vote patterns cost little; the E and M
-steps are gathers and ``bincount`` over contiguous rows of (LFs, n) codes
-and (K, n) posteriors, so 1M items x 20 LFs fit in about 10 CPU seconds
-(see bench/labeling_scale.py).
-
-``MajorityVote`` (majority.py) is the baseline with the same interface; it
-and the label-matrix helpers are importable from here too.
+Repeated rows are fitted once with a weight, and the E and M steps are
+gathers and ``bincount`` over contiguous (LFs, n) codes and (K, n)
+posteriors: 1M items x 20 LFs fit in about 10 CPU seconds
+(bench/labeling_scale.py). ``MajorityVote`` (majority.py) is the baseline
+with the same interface.
 """
 from __future__ import annotations
 
@@ -54,6 +43,9 @@ from .label_matrix import (LabelModelError, argmax_ties, check_label_matrix, com
 from .lf import ABSTAIN
 from .lf_links import Dependency, find_links, orient_forest, topological
 from .majority import MajorityVote
+from .referees import argmax_without, mcnemar_z, referee_counts, unlinked
+
+MIN_LINK_Z = 2.0  # referees must show the links hurt by this McNemar z before they are dropped
 
 __all__ = ["LabelModel", "MajorityVote", "LabelModelError", "Dependency", "argmax_ties", "check_label_matrix"]
 
@@ -131,6 +123,8 @@ class LabelModel:
         self.release_agreement = release_agreement
         self.prior_released = False
         self.prior_agreement: float | None = None
+        self.links_z: float | None = None  # referees' McNemar z, links vs none (negative: links hurt)
+        self.dropped_links: list[Dependency] = []
         self._anchor: list[np.ndarray] | None = None
         self._anchor_mass = 0.0
         self._anchor_balance = np.full(self.K, 1.0 / self.K)
@@ -174,12 +168,14 @@ class LabelModel:
         return (self.K + 1) ** (2 if parents[j] >= 0 else 1)
 
     # -- EM ------------------------------------------------------------------
-    def _loglik(self, codes: np.ndarray) -> np.ndarray:
-        """(K, n) log P(y) + sum_j log P(L_j | parent, y) for codes (m, n)."""
+    def _loglik(self, codes: np.ndarray, tables: list[np.ndarray] | None = None,
+                log_pi: np.ndarray | None = None) -> np.ndarray:
+        """(K, n) log P(y) + sum_j log P(L_j | parent, y) for codes (m, n) (default: the fitted tables)."""
+        tables = self.tables if tables is None else tables
         n = codes.shape[1]
         ll = np.empty((self.K, n))
-        ll[:] = self.log_pi[:, None]
-        for j, t in enumerate(self.tables):
+        ll[:] = (self.log_pi if log_pi is None else log_pi)[:, None]
+        for j, t in enumerate(tables):
             tT = np.ascontiguousarray(t.T)  # (K, C_j)
             c = codes[j]
             for y in range(self.K):
@@ -296,8 +292,12 @@ class LabelModel:
         self._base = self._marginals(codes, w)
         q = self._em(codes, w, self._mv_init(U))
         self.indep_probs = [np.exp(t) for t in self.tables]
+        self.links_z, self.dropped_links = None, []
         if self.dependencies_enabled and self.m > 1:
+            indep = (self.tables, self.log_pi, self.log_likelihood, q)
             q = self._link_rounds(U, w, q)
+            if self.dependencies:
+                q = self._test_links(U, w, q, indep)
         if self.release_agreement is not None and self.prior_strength > 0:
             self._release_prior(U, w, q)
         return self
@@ -330,6 +330,32 @@ class LabelModel:
                                  for j, p in enumerate(self.parents) if p >= 0]
             q = self._em(self._codes(U), w, q)
         return q
+
+    def _test_links(self, U: np.ndarray, w: np.ndarray, q: np.ndarray, indep: tuple) -> np.ndarray:
+        """Keep the links unless the unlinked LFs, as referees, side with the fit without them
+        (``indep``: its tables, balance, log-likelihood and posteriors); returns the posteriors kept."""
+        codes_a, codes_b = self._codes(U), self._codes(U, [-1] * self.m)
+        ll_a, ll_b = self._loglik(codes_a), self._loglik(codes_b, indep[0], indep[1])
+        a, b, _ = referee_counts(U, w, lambda j: argmax_without(ll_a, codes_a, self.tables, j),
+                                 lambda j: argmax_without(ll_b, codes_b, indep[0], j), unlinked(self.parents))
+        self.links_z = round(mcnemar_z(a, b), 2)
+        if self.links_z >= -MIN_LINK_Z:
+            return q
+        self.dropped_links, self.dependencies, self.parents = self.dependencies, [], [-1] * self.m
+        self.tables, self.log_pi, self.log_likelihood = indep[:3]
+        return indep[3]
+
+    def predict_without(self, L: np.ndarray, j: int) -> np.ndarray:
+        """(n,) most probable class for votes ``L`` (n, m) with LF ``j``'s evidence left out.
+
+        LF j must be unlinked (``referees.unlinked(self.parents)``): a linked
+        LF's vote also enters its children's tables.
+        """
+        self._check_fitted()
+        if j not in unlinked(self.parents):
+            raise ValueError(f"LF {j} is linked to others; only an unlinked LF can be left out")
+        codes = self._codes(np.asarray(L, dtype=np.int16))
+        return argmax_without(self._loglik(codes), codes, self.tables, j)
 
     # -- links between LFs ---------------------------------------------------
     def lf_output_probs(self) -> np.ndarray:
@@ -429,6 +455,8 @@ class LabelModel:
             "prior_released": self.prior_released, "prior_agreement": self.prior_agreement,
             "log_likelihood": self.log_likelihood,
             "dependencies": [d.__dict__ for d in self.dependencies],
+            "links_z": self.links_z,
+            "dropped_links": [d.__dict__ for d in self.dropped_links],
             "lf_accuracies": self.lf_accuracies().tolist() if self.tables else [],
         }
 
