@@ -7,7 +7,10 @@ Search (``search_block``) is the same for both ways of running it:
 
 - exact (``flat``): every query against every database vector;
 - IVF: vectors live in the cell of their nearest coarse centroid (spherical
-  k-means on a sample); a query scans only its ``nprobe`` nearest cells.
+  k-means on a sample); a query scans only its ``nprobe`` nearest cells. On
+  CPU the scan is one BLAS product per cell (``scan_cells``: the queries
+  probing the cell times its vectors), not faiss's per-vector list scan;
+  on GPU it is a faiss IVF index.
 
 Partitioned (``plan_groups`` + ``merge_edges``, driven by ``dedup_graph.py``):
 the *database* is split into groups of whole cells (cells near each other in
