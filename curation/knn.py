@@ -242,16 +242,10 @@ def merge_edges(q: np.ndarray, d: np.ndarray, s: np.ndarray, k: int) -> tuple[np
     k + 1, self-hits already dropped: k others remain). Returns
     ``(src, dst, sim)`` with src < dst, sorted by (src, dst).
     """
-    if len(q) == 0:
+    if len(q) == 0 or k < 1:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    order = np.lexsort((d, -s, q))  # per query: best first; ties by id, like one faiss index
-    q, d, s = q[order], d[order], s[order]
-    start = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
-    rank = np.arange(len(q)) - np.repeat(start, np.diff(np.r_[start, len(q)]))
-    keep = rank < k
-    if not keep.any():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    a, b, s = np.minimum(q[keep], d[keep]), np.maximum(q[keep], d[keep]), s[keep]
+    q, d, s = _top_per_query(q, d, s, k)  # per query: best first; ties by id, like one faiss index
+    a, b = np.minimum(q, d), np.maximum(q, d)
     order = np.lexsort((b, a))
     a, b, s = a[order], b[order], s[order]
     first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
