@@ -137,10 +137,7 @@ def search_block(db_x: np.ndarray, db_gid: np.ndarray, q_x: np.ndarray, q_gid: n
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     db_x = np.ascontiguousarray(db_x, dtype=np.float32)
     if centroids is not None and not (gpu and faiss_gpus()):
-        local = np.zeros(centroids.shape[0], dtype=bool)
-        local[np.unique(db_cell)] = True
-        probe_i = np.where(local[q_probe[0]], q_probe[0], -1)  # scan local cells only
-        return scan_cells(db_x, db_gid, np.asarray(db_cell), q_x, q_gid, probe_i, kk, threshold)
+        return scan_cells(db_x, db_gid, np.asarray(db_cell), q_x, q_gid, q_probe[0], kk, threshold)
     if centroids is None:
         index = to_gpu(faiss.IndexFlatIP(d), gpu)
         index.add(db_x)
@@ -183,8 +180,8 @@ def scan_cells(db_x: np.ndarray, db_gid: np.ndarray, db_cell: np.ndarray, q_x: n
     """IVF search on CPU as one matrix product per cell: the queries probing a cell times its vectors.
 
     ``db_x`` (M, D) float32 with cells ``db_cell`` (M,); ``q_x`` (Nq, D) with
-    probed cells ``probe_i`` (Nq, nprobe), -1 where a cell is not in this
-    block. Returns what faiss ``IndexIVFFlat.search`` with the same probes
+    probed cells ``probe_i`` (Nq, nprobe); probed cells this block does not
+    hold (and -1 entries) are skipped. Returns what faiss ``IndexIVFFlat.search`` with the same probes
     returns, less self-hits and hits at or below ``threshold``: each query's
     ``kk`` best vectors of its probed cells (ties to the lower database row).
     faiss scans a list one vector at a time (about 3 GFLOP/s per core
@@ -225,12 +222,12 @@ def scan_cells(db_x: np.ndarray, db_gid: np.ndarray, db_cell: np.ndarray, q_x: n
             hits.append((r, c, sim[keep]))
             held += len(r)
         if held > bound:  # compact: the heavy-overlap case (near-identical pools) stays O(kk x Nq)
-            hits, held = [_top_per_query(*map(np.concatenate, zip(*hits)), kk)], 0
+            hits = [_top_per_query(*map(np.concatenate, zip(*hits)), kk)]
             held = len(hits[0][0])
     if not hits:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     r, c, sim = _top_per_query(*map(np.concatenate, zip(*hits)), kk)
-    qg, dg = np.asarray(q_gid)[r], np.asarray(db_gid)[order][c]
+    qg, dg = np.asarray(q_gid)[r], np.asarray(db_gid)[order[c]]
     keep = qg != dg
     return qg[keep].astype(np.int64), dg[keep].astype(np.int64), sim[keep].astype(np.float32)
 

@@ -294,7 +294,7 @@ class LabelModel:
         self.indep_probs = [np.exp(t) for t in self.tables]
         self.links_z, self.dropped_links = None, []
         if self.dependencies_enabled and self.m > 1:
-            indep = (self.tables, self.log_pi, self.log_likelihood, q)
+            indep = (codes, self.tables, self.log_pi, self.log_likelihood, q)
             q = self._link_rounds(U, w, q)
             if self.dependencies:
                 q = self._test_links(U, w, q, indep)
@@ -333,17 +333,18 @@ class LabelModel:
 
     def _test_links(self, U: np.ndarray, w: np.ndarray, q: np.ndarray, indep: tuple) -> np.ndarray:
         """Keep the links unless the unlinked LFs, as referees, side with the fit without them
-        (``indep``: its tables, balance, log-likelihood and posteriors); returns the posteriors kept."""
-        codes_a, codes_b = self._codes(U), self._codes(U, [-1] * self.m)
-        ll_a, ll_b = self._loglik(codes_a), self._loglik(codes_b, indep[0], indep[1])
+        (``indep``: its codes, tables, balance, log-likelihood and posteriors); returns the posteriors kept."""
+        codes_b, tables_b, log_pi_b, loglik_b, q_b = indep
+        codes_a = self._codes(U)
+        ll_a, ll_b = self._loglik(codes_a), self._loglik(codes_b, tables_b, log_pi_b)
         a, b, _ = referee_counts(U, w, lambda j: argmax_without(ll_a, codes_a, self.tables, j),
-                                 lambda j: argmax_without(ll_b, codes_b, indep[0], j), unlinked(self.parents))
+                                 lambda j: argmax_without(ll_b, codes_b, tables_b, j), unlinked(self.parents))
         self.links_z = round(mcnemar_z(a, b), 2)
         if self.links_z >= -MIN_LINK_Z:
             return q
         self.dropped_links, self.dependencies, self.parents = self.dependencies, [], [-1] * self.m
-        self.tables, self.log_pi, self.log_likelihood = indep[:3]
-        return indep[3]
+        self.tables, self.log_pi, self.log_likelihood = tables_b, log_pi_b, loglik_b
+        return q_b
 
     def predict_without(self, L: np.ndarray, j: int) -> np.ndarray:
         """(n,) most probable class for votes ``L`` (n, m) with LF ``j``'s evidence left out.
