@@ -21,7 +21,10 @@ Each path runs in its own child process; a sampler reads ``/proc`` every
 0.2 s for it and all its descendants (Ray's raylet, GCS, workers): peak RSS
 (``VmHWM``) and private memory (``RssAnon``) per process, and CPU seconds
 attributed to the Ray step running in each worker (its title
-``ray::webcurate:<step>``). The driver's peak is also its ``ru_maxrss``.
+``ray::webcurate:<step>``). The driver's peak is its own ``VmHWM``, read by the child at the end
+and by the sampler; not ``ru_maxrss``, which Linux carries across ``exec`` from the parent
+(``Popen`` forks the benchmark, whose pool generation held the vectors: at 4M the child's
+``ru_maxrss`` read 3.83 GiB before it had done anything).
 
 Data (the model of bench/dedup_1m.py): N - P vectors around 2,000 random
 concept centres (cosine ~0.25 inside a concept) plus P = N/20 planted copies
@@ -250,10 +253,16 @@ class Sampler:
         return max(tasks, key=lambda p: p.hwm) if tasks else Proc("task")
 
 
+def _vm_hwm(pid: int | str) -> int:
+    """Peak RSS of this process image in bytes (``VmHWM``; 0 when gone)."""
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child_main(argv: list[str]) -> None:
     """In the child: run one path's run_dedup on ``root``; prints one JSON line."""
-    import resource
-
     path, root, k, threshold, memory = argv[0], argv[1], int(argv[2]), float(argv[3]), argv[4]
 
     from webcurate.curation import dedup
@@ -272,7 +281,7 @@ def child_main(argv: list[str]) -> None:
         info["memory_per_task_bytes"] = TaskResources(memory_per_task=memory).task_memory()
     wall = time.time() - t
     print("RESULT " + json.dumps({"wall": wall, "module": dedup.__file__, "info": info,
-                                  "driver_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                                  "driver_hwm": _vm_hwm("self")}),
           flush=True)
 
 
@@ -310,7 +319,7 @@ def run_path(path: str, root: str, args, work: str, deadline: float) -> dict:
     got = json.loads(lines[-1][7:])
     big = sampler.largest_task()
     return {"path": path, **got, "proc_wall": proc_wall, "load_before": load0, "load_after": os.getloadavg()[0],
-            "driver_peak": max(got["driver_maxrss"], sampler.procs[child.pid].hwm if child.pid in sampler.procs
+            "driver_peak": max(got["driver_hwm"], sampler.procs[child.pid].hwm if child.pid in sampler.procs
                                else 0),
             "driver_anon": sampler.procs.get(child.pid, Proc("driver")).anon,
             "task_peak": big.hwm, "task_anon": big.anon, "task_title": big.title,
