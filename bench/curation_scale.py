@@ -267,6 +267,11 @@ def child_main(argv: list[str]) -> None:
 
     from webcurate.curation import dedup
 
+    trace = os.environ.get("CURATION_SCALE_TRACE") == "1" and path == "new"
+    if trace:
+        import _driver_trace
+
+        _driver_trace.install()
     t = time.time()
     if path == "old":
         res = dedup.run_dedup(root, method="copy", k=k, threshold=threshold, summary=False)
@@ -281,14 +286,16 @@ def child_main(argv: list[str]) -> None:
         info["memory_per_task_bytes"] = TaskResources(memory_per_task=memory).task_memory()
     wall = time.time() - t
     print("RESULT " + json.dumps({"wall": wall, "module": dedup.__file__, "info": info,
-                                  "driver_hwm": _vm_hwm("self")}),
+                                  "driver_hwm": _vm_hwm("self"),
+                                  **({"driver_trace": _driver_trace.report()} if trace else {})}),
           flush=True)
 
 
 def run_path(path: str, root: str, args, work: str, deadline: float) -> dict:
     """One path as a child process, sampled; the child is killed at ``deadline``."""
     reset(root)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "WEBCURATE_QUIET": "1"}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "WEBCURATE_QUIET": "1",
+           "CURATION_SCALE_TRACE": "1" if args.trace else "0"}
     if path == "old":
         env["PYTHONPATH"] = old_package(work, args.old_commit)
     log = os.path.join(work, f"{os.path.basename(root)}_{path}.log")
@@ -396,6 +403,8 @@ def main() -> None:
     ap.add_argument("--old-commit", default=OLD_COMMIT)
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench", "_work", "curation_scale"))
     ap.add_argument("--deadline", default=None, help="UTC HH:MM[:SS]: a run still going then is killed")
+    ap.add_argument("--trace", action="store_true", help="new path: the driver's private memory per step "
+                    "(bench/_driver_trace.py), printed after the run")
     ap.add_argument("--json", default=None, help="append each run's figures as a JSON line to this file")
     ap.add_argument("--project", default=None, metavar="JSONL", help="only print the 1B-on-paper model "
                     "calibrated on the runs in this file (bench/_curation_scale_model.py)")
@@ -432,9 +441,12 @@ def main() -> None:
                 keep[path] = keepers(root)
                 r.update(quality(keep[path], planted))
             runs[path] = {**r, "n": n, "dim": args.dim}
-            print(f"  {path}: " + json.dumps({k: v for k, v in r.items() if k not in ("info",)}, default=str),
+            print(f"  {path}: " + json.dumps({k: v for k, v in r.items() if k not in ("info", "driver_trace")}, default=str),
                   flush=True)
             print(f"  {path} info: {json.dumps(r.get('info'), default=str)}", flush=True)
+            for step in r.get("driver_trace", []):
+                print(f"    driver {step['step']:<32} {step['s']:>7.1f} s  private MiB start {step['start']:>7.1f}"
+                      f"  peak {step['peak']:>7.1f}  end {step['end']:>7.1f}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps({**runs[path], "commit": commit}, default=str) + "\n")

@@ -4,16 +4,20 @@ A sample is identified by a global id ``gid = offset[shard] + row``, ``row``
 its position among the shard's ok index rows. Rows in ``exclude`` (per shard,
 e.g. exact duplicates already removed) take no part.
 
-IVF (large pools):
+IVF (large pools); the producer tasks (sample, assign, split) read blocks of
+whole parts, and what passes between steps goes through the stage's scratch
+folder on the dataset's storage (scratch.py), so the driver keeps no
+per-part or per-bucket state:
 1. ``sample_task``: a seeded share of each part's vectors -> ``train_task``
    trains the coarse cells (spherical k-means) on them;
-2. ``assign_task``: each vector's ``nprobe`` nearest cells (kept in the
-   object store) and the cell sizes (to the driver);
+2. ``assign_task``: each vector's ``nprobe`` nearest cells (to a scratch
+   file) and the cell sizes (to the driver);
 3. the driver groups nearby cells so a group's vectors fit a task (its
    queries estimated from a sample of the probe lists, ``size_groups``);
-4. ``emit_task``: each part splits its vectors by group: a group gets the
-   vectors of its cells (database) and every vector probing one of its cells
-   (queries); ``group_task`` searches one group;
+4. ``emit_task``: each block of parts splits its vectors by group into one
+   scratch file: a group gets the vectors of its cells (database) and every
+   vector probing one of its cells (queries); ``group_task`` reads its batch of
+   every block's file and searches one group;
 5. ``merge_edges`` keeps each query's best k over the groups (each task
    searched k+1 and dropped the self-hit, so only edges reach the driver).
 
@@ -31,9 +35,9 @@ import numpy as np
 
 from webcurate.shards.ray_runtime import cluster_cpus, max_node_cpus
 
-from . import knn
+from . import knn, scratch
 from .embedding_parts import Part, normalized, read_part
-from .ray_tasks import map_tasks, waves
+from .ray_tasks import map_tasks
 
 # Rows whose probe lists the driver samples to size the cell groups (~8 MB at nprobe 10).
 PROBE_SAMPLE = 100_000
@@ -41,6 +45,9 @@ PROBE_SAMPLE = 100_000
 # the end; 1M x 384 on 2 CPUs had 2 groups and took 2.4x the wall of the per-part search
 # (bench/results/curation_scale.md). Groups below MIN_GROUP_ROWS are not worth a task of their own.
 GROUPS_PER_CPU = 2
+# Producer blocks per cluster CPU (each a run of whole parts): enough to balance the CPUs, few enough that a
+# group task's reads (one ranged read per block) stay few.
+BLOCKS_PER_CPU = 4
 MIN_GROUP_ROWS = 50_000
 GROUPING_ROUNDS = 4
 TRAIN_CPUS = 8
@@ -104,66 +111,81 @@ def load(root: str, shard: int, dim: int, offset: int, exclude: np.ndarray, stor
     return part, gid, x
 
 
-def sample_task(shard: int, *, root: str, dim: int, rate: float, seed: int, offset: int,
-                exclude: np.ndarray, sidecar: str = "embeddings", views: int = 1) -> np.ndarray:
-    """A seeded share ``rate`` of one part's vectors, in row order: (m, D) float32 (all of them at rate 1)."""
-    _, _, x = load(root, shard, dim, offset, exclude, sidecar=sidecar, views=views)
-    if rate >= 1:
-        return x
-    return x[np.random.default_rng([seed, shard]).random(len(x)) < rate]
+def load_block(shards: list[int], *, root: str, dim: int, plan_args: dict, stored: bool = False,
+               sidecar: str = "embeddings", views: int = 1) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The vectors of a block of parts, in shard order: (gids (m V,), vectors (m V, D), rows per part)."""
+    got = [load(root, s, dim, **plan_args[s], stored=stored, sidecar=sidecar, views=views)[1:] for s in shards]
+    if not got:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float16 if stored else np.float32), []
+    return np.concatenate([g for g, _ in got]), np.concatenate([x for _, x in got]), [len(g) for g, _ in got]
 
 
-def train_task(_: int, *, samples: list, nlist: int, seed: int, gpu: bool) -> np.ndarray:
-    """Coarse cells from the concatenated samples (shard order): (nlist, D) float32."""
-    import ray
+def _per_part(shards: list[int], counts: list[int], seed: list[int], rate: float) -> np.ndarray:
+    """A seeded share ``rate`` of a block's rows, drawn part by part (blocks of any size draw the same rows)."""
+    keep = [np.random.default_rng([seed[0], s, *seed[1:]]).random(n) < rate for s, n in zip(shards, counts)]
+    return np.concatenate(keep) if keep else np.zeros(0, bool)
 
-    x = np.concatenate(ray.get(samples))
+
+def sample_task(block: int, *, shards: list[int], out: str, rate: float, seed: int, **read) -> int:
+    """Write a seeded share ``rate`` of a block's vectors, (m, D) float32 in row order, to ``out``; rows written."""
+    _, x, counts = load_block(shards, **read)
+    if rate < 1:
+        x = x[_per_part(shards, counts, [seed], rate)]
+    scratch.write_batches(out, [{"x": x}])
+    return len(x)
+
+
+def train_task(_: int, *, samples: list[str], nlist: int, seed: int, gpu: bool) -> np.ndarray:
+    """Coarse cells from the sample files, concatenated in block order: (nlist, D) float32."""
+    x = np.concatenate([scratch.read_batch(u, 0)["x"] for u in samples])
     return knn.train_cells(x, min(nlist, len(x)), seed, gpu=gpu)
 
 
-def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, nprobe: int, offset: int,
-                exclude: np.ndarray, gpu: bool, probe_rate: float, seed: int, sidecar: str = "embeddings",
-                views: int = 1) -> tuple:
-    """``((cell sizes (nlist,), sampled probe ids (m, nprobe)), (gids, probe ids, probe sims))`` of one part.
+def assign_task(block: int, *, shards: list[int], out: str, centroids: np.ndarray, nprobe: int, gpu: bool,
+                probe_rate: float, seed: int, **read) -> tuple[np.ndarray, np.ndarray]:
+    """Write each row's ``nprobe`` cells to ``out``; return (cell sizes (nlist,), sampled probe ids (m, nprobe)).
 
     The sampled probe lists (a seeded share ``probe_rate`` of the rows) let the
     driver estimate how many queries each cell group will receive.
     """
-    _, gid, x = load(root, shard, dim, offset, exclude, sidecar=sidecar, views=views)
+    gid, x, counts = load_block(shards, **read)
     pi, pd = knn.probes(x, centroids, nprobe, gpu=gpu)
-    picked = pi[np.random.default_rng([seed, shard, 1]).random(len(pi)) < probe_rate]
-    return (np.bincount(pi[:, 0], minlength=centroids.shape[0]), picked), (gid, pi, pd)
+    scratch.write_batches(out, [{"gid": gid, "pi": pi, "pd": pd}])
+    picked = pi[_per_part(shards, counts, [seed, 1], probe_rate)]
+    return np.bincount(pi[:, 0], minlength=centroids.shape[0]), picked
 
 
-def emit_task(shard: int, *, root: str, dim: int, probe, cell_group: np.ndarray, groups: list[int], offset: int,
-              exclude: np.ndarray, sidecar: str = "embeddings", views: int = 1) -> tuple:
-    """One part split by the groups of one wave: per group, its database rows and the rows probing its cells."""
-    import ray
-
-    _, gid, x = load(root, shard, dim, offset, exclude, stored=True, sidecar=sidecar, views=views)
-    gid_p, pi, pd = ray.get(probe) if not isinstance(probe, tuple) else probe
+def emit_task(block: int, *, shards: list[int], probe: str, out: str, cell_group: np.ndarray, groups: list[int],
+              **read) -> int:
+    """Split a block by the groups of one wave into ``out``: batch j = group ``groups[j]``'s database rows
+    and the rows probing its cells. Bytes written."""
+    gid, x, _ = load_block(shards, stored=True, **read)
+    got = scratch.read_batch(probe, 0)
+    gid_p, pi, pd = got["gid"], got["pi"], got["pd"]
     assert np.array_equal(gid, gid_p), "parts changed between two passes"
     probe_groups = cell_group[pi]
-    out = []
+    batches = []
     for g in groups:
         is_db = probe_groups[:, 0] == g
         is_q = (probe_groups == g).any(axis=1)
         sel = is_db | is_q
-        out.append({"gid": gid[sel], "x": x[sel], "is_db": is_db[sel], "is_q": is_q[sel],
-                    "pi": pi[sel], "pd": pd[sel]})
-    return tuple(out) if len(groups) > 1 else out[0]
+        batches.append({"gid": gid[sel], "x": x[sel], "is_db": is_db[sel], "is_q": is_q[sel],
+                        "pi": pi[sel], "pd": pd[sel]})
+    return scratch.write_batches(out, batches)
 
 
-def group_task(group: int, *, buckets: list, centroids: np.ndarray, kk: int, threshold: float,
+def group_task(group: int, *, buckets: list[str], j: int, centroids: np.ndarray, kk: int, threshold: float,
                gpu: bool) -> tuple:
-    """Search one group: its queries against its cells. Returns ``(q, d, s, bytes held, peak RSS)``."""
-    import ray
+    """Search one group (batch ``j`` of every block's split file): its queries against its cells.
 
-    parts = [b for b in ray.get(buckets) if len(b["gid"])]
+    Returns ``(q, d, s, bytes held, peak RSS)``.
+    """
+    parts = list(scratch.read_batches(buckets, j))
     if not parts:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0, np.float32), 0, peak_rss_bytes()
     cat = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    del parts
     x = normalized(cat["x"])
     db, q = cat["is_db"], cat["is_q"]
     held = int(x.nbytes + db.sum() * x.shape[1] * 4)
@@ -175,14 +197,9 @@ def group_task(group: int, *, buckets: list, centroids: np.ndarray, kk: int, thr
 def block_task(pair: tuple[int, int], *, root: str, dim: int, blocks: list, plan_args: dict, kk: int,
                threshold: float, gpu: bool, sidecar: str = "embeddings", views: int = 1) -> tuple:
     """Exact search of query block ``pair[0]`` against database block ``pair[1]`` (each a list of shards)."""
-    def read(shards: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        got = [load(root, s, dim, **plan_args[s], sidecar=sidecar, views=views)[1:] for s in shards]
-        if not got:
-            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        return np.concatenate([g for g, _ in got]), np.concatenate([x for _, x in got])
-
-    qg, qx = read(blocks[pair[0]])
-    dg, dx = (qg, qx) if pair[0] == pair[1] else read(blocks[pair[1]])
+    read = {"root": root, "dim": dim, "plan_args": plan_args, "sidecar": sidecar, "views": views}
+    qg, qx, _ = load_block(blocks[pair[0]], **read)
+    dg, dx = (qg, qx) if pair[0] == pair[1] else load_block(blocks[pair[1]], **read)[:2]
     out = knn.search_block(dx, dg, qx, qg, kk, threshold, gpu=gpu)
     return (*out, int(qx.nbytes + (dx.nbytes if pair[0] != pair[1] else 0)), peak_rss_bytes())
 
@@ -250,6 +267,66 @@ def _blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
     return blocks + ([cur] if cur else [])
 
 
+def producer_blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
+    """Parts grouped into the blocks the IVF producer tasks read: each fits half a task's row budget, and
+    there are ``BLOCKS_PER_CPU`` per cluster CPU where the data allows (fewer files for every group to read)."""
+    spread = math.ceil(plan.total * plan.views / max(1, BLOCKS_PER_CPU * cluster_cpus()))
+    return _blocks(plan, max(1, min(budget_rows // 2, spread) // plan.views))
+
+
+def _ivf_search(plan: PartPlan, choice, tmp: "scratch.Scratch", *, kk: int, threshold: float, seed: int,
+                memory: int, gpus: float, budget_rows: int, live: int, on_result) -> dict:
+    """Steps 1-4 of the module docstring; every intermediate goes through ``tmp``, so the driver holds only
+    the centroids, the cell sizes, a bounded probe sample and the edges ``on_result`` receives."""
+    gpu = gpus > 0
+    blocks = producer_blocks(plan, budget_rows)
+    nb = len(blocks)
+    read = {**plan.common(), "plan_args": {s: plan.part_args(s) for s in plan.shards}}
+    per_block = {b: {"shards": blocks[b]} for b in range(nb)}
+    sample_uri = [tmp.file("sample", f"{b:06d}.arrow") for b in range(nb)]
+    probe_uri = [tmp.file("probe", f"{b:06d}.arrow") for b in range(nb)]
+    rate = min(1.0, choice.train_size / max(live, 1))
+    map_tasks(sample_task, range(nb), kwargs={**read, "rate": rate, "seed": seed},
+              per_item={b: {**per_block[b], "out": sample_uri[b]} for b in range(nb)}, desc="sample", memory=memory,
+              on_result=lambda *_: None)
+    centroids = map_tasks(train_task, [0], kwargs={"samples": sample_uri, "nlist": choice.nlist, "seed": seed,
+                                                   "gpu": gpu},
+                          desc="train cells", memory=memory, gpus=gpus,
+                          cpus=min(max_node_cpus(), TRAIN_CPUS))[0]  # one task: let faiss use a node
+    tmp.drop("sample")
+    sizes = np.zeros(centroids.shape[0], dtype=np.int64)
+    picked: dict[int, np.ndarray] = {}
+
+    def add_sizes(b: int, r: tuple) -> None:
+        nonlocal sizes
+        sizes += r[0]
+        picked[b] = r[1]
+
+    map_tasks(assign_task, range(nb), kwargs={**read, "centroids": centroids, "nprobe": choice.nprobe, "gpu": gpu,
+                                              "probe_rate": min(1.0, PROBE_SAMPLE / max(live, 1)), "seed": seed},
+              per_item={b: {**per_block[b], "out": probe_uri[b]} for b in range(nb)}, desc="assign cells",
+              memory=memory, gpus=gpus, on_result=add_sizes)
+    probe_sample = np.concatenate([picked[b] for b in range(nb)]) if picked else np.zeros((0, 1), np.int32)
+    picked.clear()
+    cell_group, groups, est = size_groups(centroids, sizes, probe_sample, live / max(len(probe_sample), 1),
+                                          budget_rows, seed, min_groups=min_task_groups(live))
+    del probe_sample
+    plan_waves = scratch.waves(plan.root, groups, 3 * live * (plan.dim * 2 + 8 * choice.nprobe + 10))
+    for w, wave in enumerate(plan_waves):
+        split_uri = [tmp.file(f"wave{w}", f"{b:06d}.arrow") for b in range(nb)]
+        map_tasks(emit_task, range(nb), kwargs={**read, "cell_group": cell_group, "groups": wave},
+                  per_item={b: {**per_block[b], "probe": probe_uri[b], "out": split_uri[b]} for b in range(nb)},
+                  desc="split by cell", memory=memory, on_result=lambda *_: None)
+        map_tasks(group_task, wave, kwargs={"buckets": split_uri, "centroids": centroids, "kk": kk,
+                                            "threshold": threshold, "gpu": gpu},
+                  per_item={g: {"j": j} for j, g in enumerate(wave)}, desc="ivf knn", memory=memory, gpus=gpus,
+                  on_result=lambda _, r: on_result(r))
+        tmp.drop(f"wave{w}")
+    return {"index": "ivf", "nlist": int(centroids.shape[0]), "nprobe": choice.nprobe, "groups": groups,
+            "largest_group_rows_estimate": est, "blocks": nb,
+            "waves": len(plan_waves), "largest_cell": int(sizes.max()) if len(sizes) else 0}
+
+
 def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", nprobe: int | None = None,
               seed: int = 0, memory: int, gpus: float = 0.0) -> Graph:
     """The thresholded kNN graph over the plan's parts (see the module docstring)."""
@@ -277,49 +354,9 @@ def knn_graph(plan: PartPlan, *, k: int, threshold: float, index: str = "auto", 
                   desc="exact knn", memory=memory, gpus=gpus, on_result=lambda _, r: results.append(r))
         info = {"index": "flat", "tasks": len(pairs)}
     else:
-        rate = min(1.0, choice.train_size / max(live, 1))
-        samples = map_tasks(sample_task, plan.shards, kwargs={**common, "rate": rate, "seed": seed},
-                            per_item=per_part, desc="sample", memory=memory, keep_refs=True)
-        centroids = map_tasks(train_task, [0], kwargs={"samples": [samples[s] for s in plan.shards],
-                                                       "nlist": choice.nlist, "seed": seed, "gpu": gpu},
-                              desc="train cells", memory=memory, gpus=gpus,
-                              cpus=min(max_node_cpus(), TRAIN_CPUS))[0]  # one task: let faiss use a node
-        del samples
-        assigned = map_tasks(assign_task, plan.shards, kwargs={
-                                 **common, "centroids": centroids, "nprobe": choice.nprobe, "gpu": gpu,
-                                 "probe_rate": min(1.0, PROBE_SAMPLE / max(live, 1)), "seed": seed},
-                             per_item=per_part, desc="assign cells", memory=memory, num_returns=2,
-                             gpus=gpus, keep_refs=True)
-        import ray
-
-        sizes = np.zeros(centroids.shape[0], dtype=np.int64)
-        probe_sample = []
-        for s in plan.shards:
-            part_sizes, picked = ray.get(assigned[s][0])
-            sizes += part_sizes
-            probe_sample.append(picked)
-        probe_sample = np.concatenate(probe_sample)
-        cell_group, groups, est = size_groups(centroids, sizes, probe_sample, live / max(len(probe_sample), 1),
-                                              budget_rows, seed, min_groups=min_task_groups(live))
-        del probe_sample
-        plan_waves = waves(groups, 3 * live * plan.dim * 2)  # float16 rows, ~3 copies over the groups
-        for wave in plan_waves:
-            emitted = map_tasks(emit_task, plan.shards,
-                                kwargs={**common, "cell_group": cell_group, "groups": wave},
-                                per_item={s: {**per_part[s], "probe": assigned[s][1]} for s in plan.shards},
-                                desc="split by cell", memory=memory, num_returns=len(wave), keep_refs=True)
-            per_group = {g: {"buckets": [emitted[s][j] if len(wave) > 1 else emitted[s] for s in plan.shards]}
-                         for j, g in enumerate(wave)}
-            del emitted
-            map_tasks(group_task, wave, kwargs={"centroids": centroids, "kk": kk, "threshold": threshold,
-                                                "gpu": gpu},
-                      per_item=per_group, desc="ivf knn", memory=memory, gpus=gpus,
-                      on_result=lambda _, r: results.append(r))
-            del per_group
-        del assigned
-        info = {"index": "ivf", "nlist": int(centroids.shape[0]), "nprobe": choice.nprobe, "groups": groups,
-                "largest_group_rows_estimate": est,
-                "waves": len(plan_waves), "largest_cell": int(sizes.max()) if len(sizes) else 0}
+        with scratch.Scratch(plan.root, "knn") as tmp:
+            info = _ivf_search(plan, choice, tmp, kk=kk, threshold=threshold, seed=seed, memory=memory, gpus=gpus,
+                               budget_rows=budget_rows, live=live, on_result=results.append)
     q = np.concatenate([r[0] for r in results]) if results else np.zeros(0, np.int64)
     d = np.concatenate([r[1] for r in results]) if results else np.zeros(0, np.int64)
     s = np.concatenate([r[2] for r in results]) if results else np.zeros(0, np.float32)

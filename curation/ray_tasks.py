@@ -171,20 +171,6 @@ def _computed(refs: dict[Hashable, Any], desc: str) -> None:
         bar.close()
 
 
-def waves(groups: int, volume_bytes: float, store_share: float = 0.3) -> list[list[int]]:
-    """Groups split into waves whose shuffled data fits ``store_share`` of Ray's object store.
-
-    A wave's parts are split by group, searched and released before the next
-    wave starts, so the object store never holds more than one wave.
-    """
-    import ray
-
-    store = float(ray.cluster_resources().get("object_store_memory", 0.0)) or 1e30
-    n = max(1, min(groups, math.ceil(volume_bytes / (store_share * store))))
-    per = math.ceil(groups / n)
-    return [list(range(g, min(groups, g + per))) for g in range(0, groups, per)]
-
-
 def get(refs: Any) -> Any:
     """``ray.get`` for the results of ``map_tasks(keep_refs=True)``."""
     import ray

@@ -6,9 +6,9 @@ sample). Clusters are independent, so as Ray work:
 
 1. k-means trained on a seeded sample of the parts (all of them when they fit
    a task), then every part assigns its vectors (``assign_task``);
-2. clusters are packed into groups that fit ``--memory-per-task``; each part
-   splits its vectors by group (``emit_task``) and ``group_task`` runs the
-   greedy pass of its clusters. Decisions are identical to one process given
+2. clusters are packed into groups that fit ``--memory-per-task``; each block
+   of parts splits its vectors by group into one scratch file (``emit_task``,
+   scratch.py) and ``group_task`` runs the greedy pass of its clusters. Decisions are identical to one process given
    the same centroids.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import math
 
 import numpy as np
 
-from .dedup_graph import PartPlan, load, sample_task
+from . import scratch
+from .dedup_graph import PartPlan, load, producer_blocks, sample_task
 from .embedding_parts import normalized
 from .exact_dedup import rank_of
-from .ray_tasks import map_tasks, waves
+from .ray_tasks import map_tasks
 
 KMEANS_MAX_POINTS_PER_CENTROID = 256
 
@@ -106,49 +107,51 @@ def semdedup(x: np.ndarray, rank: np.ndarray, *, eps: float = 0.07, n_clusters: 
 
 # -- as Ray work -------------------------------------------------------------------------------
 
-def train_task(_: int, *, samples: list, k: int, seed: int, gpu: bool) -> np.ndarray:
-    import ray
-
-    return spherical_kmeans(np.concatenate(ray.get(samples)), k, seed, gpu=gpu)
-
-
-def assign_task(shard: int, *, root: str, dim: int, centroids: np.ndarray, offset: int,
-                exclude: np.ndarray) -> tuple:
-    """``(cluster sizes, cluster of each row)`` of one part."""
-    _, _, x = load(root, shard, dim, offset, exclude)
-    a = nearest_centroid(x, centroids)
-    return np.bincount(a, minlength=centroids.shape[0]), a
+def train_task(_: int, *, samples: list[str], k: int, seed: int, gpu: bool) -> np.ndarray:
+    """k-means centroids (k, D) float32 of the sample files, concatenated in block order."""
+    return spherical_kmeans(np.concatenate([scratch.read_batch(u, 0)["x"] for u in samples]), k, seed, gpu=gpu)
 
 
-def emit_task(shard: int, *, root: str, dim: int, assigned, cluster_group: np.ndarray, groups: list[int],
-              policy: str, offset: int, exclude: np.ndarray) -> tuple:
-    """One part split by the cluster groups of one wave: gid, stored vector, cluster and keep-policy fields."""
-    import ray
+def assign_task(block: int, *, shards: list[int], out: str, centroids: np.ndarray, root: str, dim: int,
+                plan_args: dict) -> np.ndarray:
+    """Write the cluster of each row of a block of parts to ``out``; return the cluster sizes (k,)."""
+    a = [nearest_centroid(load(root, s, dim, **plan_args[s])[2], centroids) for s in shards]
+    a = np.concatenate(a) if a else np.zeros(0, np.int64)
+    scratch.write_batches(out, [{"a": a}])
+    return np.bincount(a, minlength=centroids.shape[0])
 
-    part, gid, x = load(root, shard, dim, offset, exclude, stored=True)
-    a = ray.get(assigned)
-    keep = ~np.isin(part.rows, exclude)
-    rows = part.rows[keep]
-    keys = np.array(part.index.keys, dtype=object)[rows]
-    out = []
+
+def emit_task(block: int, *, shards: list[int], assigned: str, out: str, cluster_group: np.ndarray,
+              groups: list[int], policy: str, root: str, dim: int, plan_args: dict) -> int:
+    """Split a block by the cluster groups of one wave into ``out`` (batch j = group ``groups[j]``):
+    gid, stored vector, cluster and keep-policy fields. Bytes written."""
+    a = scratch.read_batch(assigned, 0)["a"]
+    cols: dict[str, list] = {"gid": [], "x": [], "key": [], "pixels": [], "nbytes": []}
+    for s in shards:
+        part, gid, x = load(root, s, dim, **plan_args[s], stored=True)
+        rows = part.rows[~np.isin(part.rows, plan_args[s]["exclude"])]
+        for name, v in (("gid", gid), ("x", x), ("key", np.array(part.index.keys, dtype=object)[rows]),
+                        ("pixels", part.index.pixels[rows]), ("nbytes", part.index.nbytes[rows])):
+            cols[name].append(v)
+    cat = {k: np.concatenate(v) for k, v in cols.items()} if shards else {}
+    batches = []
     for g in groups:
         sel = cluster_group[a] == g
-        out.append({"gid": gid[sel], "x": x[sel], "cluster": a[sel], "key": keys[sel].tolist(),
-                    "pixels": part.index.pixels[rows][sel], "nbytes": part.index.nbytes[rows][sel]})
-    return tuple(out) if len(groups) > 1 else out[0]
+        batches.append({"gid": cat["gid"][sel], "x": cat["x"][sel], "cluster": a[sel], "key": cat["key"][sel],
+                        "pixels": cat["pixels"][sel], "nbytes": cat["nbytes"][sel]})
+    return scratch.write_batches(out, batches)
 
 
-def group_task(group: int, *, buckets: list, eps: float, policy: str) -> tuple:
-    """The greedy pass of one group's clusters: ``(dropped gid, kept gid, kept key, similarity)``."""
-    import ray
-
-    parts = [b for b in ray.get(buckets) if len(b["gid"])]
+def group_task(group: int, *, buckets: list[str], j: int, eps: float, policy: str) -> tuple:
+    """The greedy pass of one group's clusters (batch ``j`` of every block's split file):
+    ``(dropped gid, kept gid, kept key, similarity)``."""
+    parts = list(scratch.read_batches(buckets, j))
     if not parts:
         z = np.zeros(0, np.int64)
         return z, z, [], np.zeros(0, np.float32)
     gid = np.concatenate([b["gid"] for b in parts])
     x = normalized(np.concatenate([b["x"] for b in parts]))
-    keys = [k for b in parts for k in b["key"]]
+    keys = [k for b in parts for k in b["key"].tolist()]
     rank = rank_of(keys, np.concatenate([b["pixels"] for b in parts]), np.concatenate([b["nbytes"] for b in parts]),
                    policy)
     dup_of, sim = greedy_clusters(x, rank, np.concatenate([b["cluster"] for b in parts]), eps)
@@ -171,38 +174,42 @@ def _pack(sizes: np.ndarray, budget_rows: int) -> np.ndarray:
 def semdedup_tasks(plan: PartPlan, *, eps: float, n_clusters: int | None, seed: int, policy: str,
                    memory: int, gpus: float = 0.0) -> tuple[tuple, dict]:
     """SemDeDup over the plan's parts: ``((dropped gid, kept gid, kept key, sim), info)``."""
-    import ray
-
     live = plan.total - sum(len(v) for v in plan.exclude.values())
     kc = max(1, min(n_clusters or math.ceil(live / 1000), max(live, 1)))
-    common = {"root": plan.root, "dim": plan.dim}
-    per_part = {s: plan.part_args(s) for s in plan.shards}
+    read = {"root": plan.root, "dim": plan.dim, "plan_args": {s: plan.part_args(s) for s in plan.shards}}
     budget_rows = max(1024, memory // (4 * 4 * max(plan.dim, 1)))
-    rate = min(1.0, budget_rows / max(live, 1))
-    samples = map_tasks(sample_task, plan.shards, kwargs={**common, "rate": rate, "seed": seed}, per_item=per_part,
-                        desc="sample", memory=memory, keep_refs=True)
-    centroids = map_tasks(train_task, [0], kwargs={"samples": [samples[s] for s in plan.shards], "k": kc,
-                                                   "seed": seed, "gpu": gpus > 0},
-                          desc="k-means", memory=memory, gpus=gpus)[0]
-    del samples
-    assigned = map_tasks(assign_task, plan.shards, kwargs={**common, "centroids": centroids}, per_item=per_part,
-                         desc="assign", memory=memory, num_returns=2, keep_refs=True)
-    sizes = sum(ray.get(assigned[s][0]) for s in plan.shards)
-    cluster_group = _pack(np.asarray(sizes), budget_rows)
-    groups = int(cluster_group.max()) + 1 if len(cluster_group) else 1
+    blocks = producer_blocks(plan, budget_rows)
+    nb = len(blocks)
     found: list[tuple] = []
-    for wave in waves(groups, live * plan.dim * 4):
-        emitted = map_tasks(emit_task, plan.shards, kwargs={**common, "cluster_group": cluster_group,
-                                                            "groups": wave, "policy": policy},
-                            per_item={s: {**per_part[s], "assigned": assigned[s][1]} for s in plan.shards},
-                            desc="split by cluster", memory=memory, num_returns=len(wave), keep_refs=True)
-        per_group = {g: {"buckets": [emitted[s][j] if len(wave) > 1 else emitted[s] for s in plan.shards]}
-                     for j, g in enumerate(wave)}
-        del emitted
-        map_tasks(group_task, wave, kwargs={"eps": eps, "policy": policy}, per_item=per_group,
-                  desc="semdedup", memory=memory, on_result=lambda _, r: found.append(r))
-        del per_group
-    del assigned
+    with scratch.Scratch(plan.root, "semdedup") as tmp:
+        sample_uri = [tmp.file("sample", f"{b:06d}.arrow") for b in range(nb)]
+        assigned_uri = [tmp.file("assigned", f"{b:06d}.arrow") for b in range(nb)]
+        map_tasks(sample_task, range(nb), kwargs={**read, "rate": min(1.0, budget_rows / max(live, 1)), "seed": seed},
+                  per_item={b: {"shards": blocks[b], "out": sample_uri[b]} for b in range(nb)}, desc="sample",
+                  memory=memory, on_result=lambda *_: None)
+        centroids = map_tasks(train_task, [0], kwargs={"samples": sample_uri, "k": kc, "seed": seed, "gpu": gpus > 0},
+                              desc="k-means", memory=memory, gpus=gpus)[0]
+        tmp.drop("sample")
+        sizes = np.zeros(centroids.shape[0], np.int64)
+
+        def add(_, r: np.ndarray) -> None:
+            sizes[:] += r
+
+        map_tasks(assign_task, range(nb), kwargs={**read, "centroids": centroids},
+                  per_item={b: {"shards": blocks[b], "out": assigned_uri[b]} for b in range(nb)}, desc="assign",
+                  memory=memory, on_result=add)
+        cluster_group = _pack(sizes, budget_rows)
+        groups = int(cluster_group.max()) + 1 if len(cluster_group) else 1
+        for w, wave in enumerate(scratch.waves(plan.root, groups, live * (plan.dim * 2 + 64))):
+            split_uri = [tmp.file(f"wave{w}", f"{b:06d}.arrow") for b in range(nb)]
+            map_tasks(emit_task, range(nb), kwargs={**read, "cluster_group": cluster_group, "groups": wave,
+                                                    "policy": policy},
+                      per_item={b: {"shards": blocks[b], "assigned": assigned_uri[b], "out": split_uri[b]}
+                                for b in range(nb)}, desc="split by cluster", memory=memory, on_result=lambda *_: None)
+            map_tasks(group_task, wave, kwargs={"buckets": split_uri, "eps": eps, "policy": policy},
+                      per_item={g: {"j": j} for j, g in enumerate(wave)}, desc="semdedup", memory=memory,
+                      on_result=lambda _, r: found.append(r))
+            tmp.drop(f"wave{w}")
     out = (np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]),
            [k for f in found for k in f[2]], np.concatenate([f[3] for f in found]))
-    return out, {"clusters": int(centroids.shape[0]), "groups": groups}
+    return out, {"clusters": int(centroids.shape[0]), "groups": groups, "blocks": nb}

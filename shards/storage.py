@@ -183,8 +183,11 @@ def read_parquet(uri: str, columns: list[str] | None = None):
         return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically (readers see all of it or nothing)."""
+def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``uri`` atomically (readers see all of it or nothing).
+
+    ``durable=False`` skips the local fsync: for scratch files a crash makes the stage redo anyway.
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
@@ -198,8 +201,9 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -237,6 +241,18 @@ def delete(uri: str) -> None:
         pass
     except OSError as e:
         if "does not exist" not in str(e):
+            raise _describe(e, uri, "delete") from e
+
+
+def delete_tree(uri: str) -> None:
+    """Delete a folder (an S3 prefix) and everything under it; a missing one is fine."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if "does not exist" not in str(e) and "not found" not in str(e).lower():
             raise _describe(e, uri, "delete") from e
 
 
