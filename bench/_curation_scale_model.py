@@ -17,8 +17,10 @@ Each step's CPU-s = fixed + per-unit x units, a least-squares line over the
 measured sizes (through the origin when only one size was measured).
 
 nlist follows the product: min(65536, 4 sqrt N) (``curation.knn.choose_index``).
-Waves follow ``curation.ray_tasks.waves``: 3 x N x D x 2 bytes over 30 % of
-the cluster's object store. Per-core speed is this machine's.
+Waves: since commit 59ba5c7 the split rows go to the stage's scratch folder on the
+dataset's storage (``curation.scratch``), so on S3 there is one wave (runs measured
+before it split by the object store's size; their ``waves`` are what they did).
+Per-core speed is this machine's.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_gib: float = 64 * 77,
+def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048,
             task_gib: float = 2.0, gpus: int = 64, gpu_tb_s: float = 3.35, gpu_tflops: float = 60.0) -> list[str]:
     """Markdown: the measured runs checked against the model, then the model at ``n``."""
     runs = sorted((r for r in load_runs(path) if r["path"] == "new"), key=lambda r: r["n"])
@@ -97,7 +99,7 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
         out += ["", f"This machine at N = {m:,.0f}: {here:,.0f} CPU-s predicted, about {here / 2 / 60:.0f} min on "
                     "its 2 cores (why 4M did not fit the 13-minute slot)."]
     nl = nlist_of(n)
-    waves = max(1, math.ceil(3 * n * dim * 2 / (0.3 * store_gib * GIB)))
+    waves = 1  # scratch on S3 (curation.scratch.waves)
     pred = predict(cost, n, nl, waves)
     budget_rows = task_gib * GIB // (3 * 4 * dim)
     groups = math.ceil(3 * n / budget_rows)
@@ -115,7 +117,9 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
     out += ["", f"At N = {n:,.0f} x {dim} (nlist {nl:,}, nprobe 10, {waves} wave(s), --memory-per-task "
             f"{task_gib:g}GiB):", "",
             "| step | CPU-hours (this machine's cores) | tasks | wall on the cluster |", "|---|---|---|---|"]
-    tasks = {"ivf knn": groups, "assign cells": parts, "split by cell": parts * waves, "train cells": 1,
+    blocks = max(4 * cores, math.ceil(n / (budget_rows // 2)))  # dedup_graph.producer_blocks
+    scratch_tb = 3 * n * (2 * dim + 8 * 10 + 10) / 1e12
+    tasks = {"ivf knn": groups, "assign cells": blocks, "split by cell": blocks * waves, "train cells": 1,
              "driver": 1, LINEAR: f"~{6 * parts:,} (6 per part)"}
     for s in sorted(pred, key=lambda s: -pred[s]):
         wall = pred[s] / h if s in ("train cells", "driver") else pred[s] / cores / h
@@ -125,7 +129,9 @@ def project(path: str, n: float = 1e9, dim: int = 384, cores: int = 2048, store_
     out += [f"| **total** | **{(serial + parallel) / h:,.0f}** | | **{serial / h + parallel / cores / h:.1f} h** "
             f"on {cores:,} cores (serial: train cells + driver {serial / h:.1f} h) |", "",
             f"- search tasks: {groups:,} cell groups of <= {budget_rows:,.0f} rows x {dim} x 4 B x 3 = "
-            f"{task_gib:g} GiB each; {parts:,} parts of 10,000 rows ({10_000 * dim * 2 / 2**20:.1f} MiB float16)",
+            f"{task_gib:g} GiB each; {parts:,} parts of 10,000 rows ({10_000 * dim * 2 / 2**20:.1f} MiB float16) read "
+            f"as {blocks:,} producer blocks; scratch on S3 {scratch_tb:.1f} TB written once ({blocks:,} split files, "
+            f"{blocks * groups:,.0f} ranged reads by the search tasks)",
             f"- driver peak, fitted on the measured sizes: {a / GIB:.2f} GiB + {b * 1e6 / GIB * 1024:.1f} MiB per "
             f"million rows -> {(a + b * 4e6) / GIB:.2f} GiB at 4M, {(a + b * n) / GIB:,.0f} GiB at {n:,.0f}",
             f"- faiss-gpu (assumed {gpus} GPUs at {gpu_tb_s} TB/s, {gpu_tflops:g} TFLOP/s fp32, half of peak): "

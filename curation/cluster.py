@@ -3,9 +3,10 @@
 The selection clustered (``--subset auto``): the retrieved samples when a
 ``retrieve`` sidecar exists, else the ``dedup`` survivors, else everything.
 
-1. ``sample_task``: every part gives a seeded share of its selected vectors
-   (all of them when the pool fits ``--memory-per-task``: the result is then
-   exactly the one-process clustering);
+1. ``sample_task``: every run of parts writes a seeded share of its selected
+   vectors to the stage's scratch folder (scratch.py; all of them when the
+   pool fits ``--memory-per-task``: the result is then exactly the
+   one-process clustering);
 2. ``train_task``: hierarchical k-means with resampling (``kmeans.py``) on
    that sample; when the sample holds fewer than ``MIN_PER_CENTROID`` points
    per level-1 centroid, ``REFINE_ITERS`` distributed Lloyd iterations over
@@ -35,7 +36,8 @@ from webcurate.shards.dataset import Dataset, DatasetError
 from webcurate.shards.stage import StageResult
 
 from .embedding_parts import EmbeddingSet, embedding_set, mismatch_counts, mismatch_warning, read_part
-from .ray_tasks import map_tasks
+from . import scratch
+from .ray_tasks import map_tasks, shard_blocks
 from .stage_params import ClusterParams, TaskResources
 
 STAGE = "clusters"
@@ -74,19 +76,23 @@ def part_points(root: str, shard: int, dim: int, subset: str, part=None):
     return keys, status, part.vectors[status == STATUS_OK]
 
 
-def sample_task(shard: int, *, root: str, dim: int, subset: str, rate: float, seed: int) -> tuple:
-    """``(selected points in the part, seeded share ``rate`` of their vectors in row order)``."""
-    _, _, x = part_points(root, shard, dim, subset)
-    return len(x), (x if rate >= 1 else x[np.random.default_rng([seed, shard]).random(len(x)) < rate])
+def sample_task(block: int, *, shards: list[int], out: str, root: str, dim: int, subset: str, rate: float,
+                seed: int) -> int:
+    """Write a seeded share ``rate`` of a run of parts' selected vectors (row order) to ``out``; points selected."""
+    n, got = 0, []
+    for shard in shards:
+        _, _, x = part_points(root, shard, dim, subset)
+        n += len(x)
+        got.append(x if rate >= 1 else x[np.random.default_rng([seed, shard]).random(len(x)) < rate])
+    scratch.write_batches(out, [{"x": np.concatenate(got) if got else np.zeros((0, dim), np.float32)}])
+    return n
 
 
-def train_task(_: int, *, samples: list, params: dict) -> dict:
-    """Hierarchical k-means of the concatenated samples: centroids, parents, per-level info, warnings."""
-    import ray
-
+def train_task(_: int, *, samples: list[str], params: dict) -> dict:
+    """Hierarchical k-means of the concatenated sample files: centroids, parents, per-level info, warnings."""
     from .kmeans import hierarchical_kmeans
 
-    x = np.concatenate(ray.get(samples))
+    x = np.concatenate([scratch.read_batch(u, 0)["x"] for u in samples])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # collected in hier.warnings
         hier = hierarchical_kmeans(x, params["levels"], resampling_steps=params["steps"],
@@ -217,6 +223,22 @@ def _parameters(ds: Dataset, params: ClusterParams, subset: str, emb: EmbeddingS
     return rec
 
 
+def _train(root: str, emb: EmbeddingSet, subset: str, rate: float, p: dict, mem: int) -> tuple[dict, int]:
+    """Sample every part (to scratch files, not the driver) and train the hierarchy: (trained, points selected)."""
+    blocks = shard_blocks(list(emb.shards))
+    with scratch.Scratch(root, "cluster") as tmp:
+        files = [tmp.file(f"{b:06d}.arrow") for b in range(len(blocks))]
+        got = map_tasks(sample_task, range(len(blocks)), kwargs={"root": root, "dim": emb.dim, "subset": subset,
+                                                                  "rate": rate, "seed": p["seed"]},
+                        per_item={b: {"shards": blocks[b], "out": files[b]} for b in range(len(blocks))},
+                        desc="sample", memory=mem)
+        n_ok = sum(got.values())
+        if n_ok == 0:
+            raise DatasetError(f"{root} has no embeddings left to cluster (none in the `{subset}` selection)")
+        trained = map_tasks(train_task, [0], kwargs={"samples": files, "params": p}, desc="k-means", memory=mem)[0]
+    return trained, n_ok
+
+
 def run_cluster(input: str, *, summary: bool = True, resources: TaskResources | dict | None = None,
                 **options: Any) -> StageResult:
     """Cluster the dataset at ``input`` and write the ``clusters`` sidecar; ``options`` are ``ClusterParams``.
@@ -245,19 +267,9 @@ def run_cluster(input: str, *, summary: bool = True, resources: TaskResources | 
     mem = res.task_memory()
     budget = max(1024, mem // (4 * 4 * max(emb.dim, 1)))
     rate = min(1.0, budget / max(emb.rows, 1))
-    samples = map_tasks(sample_task, emb.shards, kwargs={"root": ds.root, "dim": emb.dim, "subset": subset,
-                                                         "rate": rate, "seed": params.seed},
-                        desc="sample", memory=mem, num_returns=2, keep_refs=True)
-    import ray
-
-    n_ok = sum(ray.get([samples[s][0] for s in emb.shards]))
-    if n_ok == 0:
-        raise DatasetError(f"{ds.root} has no embeddings left to cluster (none in the `{subset}` selection)")
     p = {"levels": params.levels, "steps": params.resampling_steps, "sizes": params.sample_size,
          "strategy": params.sample_strategy, "niter": params.niter, "seed": params.seed, "method": params.method}
-    trained = map_tasks(train_task, [0], kwargs={"samples": [samples[s][1] for s in emb.shards], "params": p},
-                        desc="k-means", memory=mem)[0]
-    del samples
+    trained, n_ok = _train(ds.root, emb, subset, rate, p, mem)
     if trained["points"] < n_ok and trained["points"] < MIN_PER_CENTROID * trained["levels"][0]["k"]:
         trained = refine(ds.root, emb.shards, emb.dim, subset, trained, p, mem)
     for t, c in enumerate(trained["centroids"], start=1):

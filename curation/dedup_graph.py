@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from webcurate.shards.ray_runtime import cluster_cpus, max_node_cpus
+from webcurate.shards.ray_runtime import cluster_cpus, init_ray, max_node_cpus
 
 from . import knn, scratch
 from .embedding_parts import Part, normalized, read_part
-from .ray_tasks import map_tasks
+from .ray_tasks import BLOCKS_PER_CPU, map_tasks
 
 # Rows whose probe lists the driver samples to size the cell groups (~8 MB at nprobe 10).
 PROBE_SAMPLE = 100_000
@@ -45,9 +45,6 @@ PROBE_SAMPLE = 100_000
 # the end; 1M x 384 on 2 CPUs had 2 groups and took 2.4x the wall of the per-part search
 # (bench/results/curation_scale.md). Groups below MIN_GROUP_ROWS are not worth a task of their own.
 GROUPS_PER_CPU = 2
-# Producer blocks per cluster CPU (each a run of whole parts): enough to balance the CPUs, few enough that a
-# group task's reads (one ranged read per block) stay few.
-BLOCKS_PER_CPU = 4
 MIN_GROUP_ROWS = 50_000
 GROUPING_ROUNDS = 4
 TRAIN_CPUS = 8
@@ -77,6 +74,10 @@ class PartPlan:
 
     def part_args(self, shard: int) -> dict:
         return {"offset": self.offsets[shard], "exclude": self.exclude.get(shard, np.zeros(0, np.int64))}
+
+    def block_items(self, blocks: list[list[int]]) -> dict[int, dict]:
+        """Per block: its shards and only their offsets and exclusions (not every part's, 1e5 at 1 B)."""
+        return {b: {"shards": sh, "plan_args": {s: self.part_args(s) for s in sh}} for b, sh in enumerate(blocks)}
 
     def common(self) -> dict:
         """What every task needs to read a part: root, dim, sidecar, views."""
@@ -270,6 +271,7 @@ def _blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
 def producer_blocks(plan: PartPlan, budget_rows: int) -> list[list[int]]:
     """Parts grouped into the blocks the IVF producer tasks read: each fits half a task's row budget, and
     there are ``BLOCKS_PER_CPU`` per cluster CPU where the data allows (fewer files for every group to read)."""
+    init_ray()  # may be the stage's first Ray call
     spread = math.ceil(plan.total * plan.views / max(1, BLOCKS_PER_CPU * cluster_cpus()))
     return _blocks(plan, max(1, min(budget_rows // 2, spread) // plan.views))
 
@@ -281,8 +283,8 @@ def _ivf_search(plan: PartPlan, choice, tmp: "scratch.Scratch", *, kk: int, thre
     gpu = gpus > 0
     blocks = producer_blocks(plan, budget_rows)
     nb = len(blocks)
-    read = {**plan.common(), "plan_args": {s: plan.part_args(s) for s in plan.shards}}
-    per_block = {b: {"shards": blocks[b]} for b in range(nb)}
+    read = plan.common()
+    per_block = plan.block_items(blocks)
     sample_uri = [tmp.file("sample", f"{b:06d}.arrow") for b in range(nb)]
     probe_uri = [tmp.file("probe", f"{b:06d}.arrow") for b in range(nb)]
     rate = min(1.0, choice.train_size / max(live, 1))

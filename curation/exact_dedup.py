@@ -1,8 +1,9 @@
 """Exact duplicates (same sha256) across a dataset, as Ray tasks over the index parts.
 
-Pass 1 (one task per shard) reads the shard's ok index rows and splits them
-into ``buckets`` by the sha256 prefix; pass 2 (one task per bucket) groups
-equal hashes and keeps each group's best-ranked sample. A bucket holds about
+Pass 1 (one task per run of shards) reads the ok index rows and splits them
+into ``buckets`` by the sha256 prefix, one scratch file per task (scratch.py);
+pass 2 (one task per bucket) reads its batch of every file, groups equal
+hashes and keeps each group's best-ranked sample. A bucket holds about
 N / buckets rows of ~120 bytes, so ``buckets`` follows ``--memory-per-task``;
 the driver only sees the per-shard row counts and the dropped samples.
 
@@ -43,19 +44,27 @@ def buckets_for(rows: int, memory: int) -> int:
     return max(1, math.ceil(rows * ROW_BYTES * 4 / memory))
 
 
-def index_task(shard: int, *, root: str, buckets: int) -> tuple:
-    """Pass 1: ``(ok row count, bucket_0, ..., bucket_{B-1})`` of one shard (rows with a sha256 only)."""
-    part = read_index_part(root, shard)
-    sha = part.sha256
-    have = np.array([bool(h) for h in sha], dtype=bool)
-    rows = np.flatnonzero(have)
-    bucket = np.array([int(sha[i][:8], 16) % buckets for i in rows], dtype=np.int64) if len(rows) else rows
-    out = []
-    for b in range(buckets):
-        r = rows[bucket == b]
-        out.append({"shard": np.full(len(r), shard, np.int64), "row": r, "sha": [sha[i] for i in r],
-                    "key": [part.keys[i] for i in r], "pixels": part.pixels[r], "nbytes": part.nbytes[r]})
-    return (len(part.keys), *out)
+def index_task(block: int, *, shards: list[int], root: str, buckets: int, out: str | None) -> dict[int, int]:
+    """Pass 1 over a block of shards: write its rows with a sha256 to ``out``, batch b = bucket b (by the
+    sha256 prefix); return ``{shard: ok row count}``."""
+    from . import scratch
+
+    counts: dict[int, int] = {}
+    cols: dict[str, list] = {"shard": [], "row": [], "sha": [], "key": [], "pixels": [], "nbytes": []}
+    for shard in shards:
+        part = read_index_part(root, shard)
+        counts[shard] = len(part.keys)
+        rows = np.flatnonzero(np.array([bool(h) for h in part.sha256], dtype=bool))
+        for name, v in (("shard", np.full(len(rows), shard, np.int64)), ("row", rows),
+                        ("sha", np.array(part.sha256, dtype=object)[rows]),
+                        ("key", np.array(part.keys, dtype=object)[rows]),
+                        ("pixels", np.asarray(part.pixels)[rows]), ("nbytes", np.asarray(part.nbytes)[rows])):
+            cols[name].append(v)
+    if out is not None and shards:
+        cat = {k: np.concatenate(v) for k, v in cols.items()}
+        bucket = np.array([int(h[:8], 16) % buckets for h in cat["sha"]], dtype=np.int64)
+        scratch.write_batches(out, [{k: v[bucket == b] for k, v in cat.items()} for b in range(buckets)])
+    return counts
 
 
 @dataclass
@@ -72,17 +81,18 @@ class ExactDuplicates:
         return len(self.row)
 
 
-def bucket_task(bucket: int, *, parts: list, policy: str) -> ExactDuplicates:
-    """Pass 2: in one bucket, every sample whose sha256 an earlier-ranked one has, with that one."""
-    import ray
+def bucket_task(bucket: int, *, parts: list[str], policy: str) -> ExactDuplicates:
+    """Pass 2: in one bucket (batch ``bucket`` of every block's file), every sample whose sha256 an
+    earlier-ranked one has, with that one."""
+    from . import scratch
 
-    chunks = [c for c in ray.get(parts) if len(c["row"])]
+    chunks = list(scratch.read_batches(parts, bucket))
     if not chunks:
         return ExactDuplicates(*(np.zeros(0, np.int64),) * 4, [])
     shard = np.concatenate([c["shard"] for c in chunks])
     row = np.concatenate([c["row"] for c in chunks])
-    sha = np.array([h for c in chunks for h in c["sha"]], dtype=object)
-    keys = [k for c in chunks for k in c["key"]]
+    sha = np.concatenate([c["sha"] for c in chunks]).astype(object)
+    keys = [k for c in chunks for k in c["key"].tolist()]
     order = rank_order(keys, np.concatenate([c["pixels"] for c in chunks]),
                        np.concatenate([c["nbytes"] for c in chunks]), policy)
     by_sha = order[np.argsort(sha[order], kind="stable")]  # grouped by hash, best first inside a group
@@ -95,21 +105,25 @@ def bucket_task(bucket: int, *, parts: list, policy: str) -> ExactDuplicates:
 
 def find_exact(root: str, shards: list[int], *, policy: str, buckets: int, memory: int | None,
                with_duplicates: bool = True) -> tuple[dict[int, int], ExactDuplicates]:
-    """``({shard: ok rows}, exact duplicates)`` of the dataset; duplicates empty unless ``with_duplicates``."""
-    from .ray_tasks import map_tasks
+    """``({shard: ok rows}, exact duplicates)`` of the dataset; duplicates empty unless ``with_duplicates``.
 
-    b = buckets if with_duplicates else 1
-    refs = map_tasks(index_task, shards, kwargs={"root": root, "buckets": b}, desc="index", memory=memory,
-                     num_returns=b + 1, keep_refs=True)
-    import ray
+    The buckets pass between the two steps through a scratch folder (scratch.py), not the driver.
+    """
+    from . import scratch
+    from .ray_tasks import map_tasks, shard_blocks
 
-    counts = dict(zip(shards, ray.get([refs[s][0] for s in shards])))
-    if not with_duplicates:
-        return counts, ExactDuplicates(*(np.zeros(0, np.int64),) * 4, [])
-    per_bucket = {i: {"parts": [refs[s][1 + i] for s in shards]} for i in range(b)}
-    found = map_tasks(bucket_task, range(b), kwargs={"policy": policy}, per_item=per_bucket, desc="exact",
-                      memory=memory)
-    groups = [found[i] for i in range(b)]
+    blocks = shard_blocks(list(shards))
+    counts: dict[int, int] = {}
+    with scratch.Scratch(root, "exact") as tmp:
+        files = [tmp.file(f"{i:06d}.arrow") if with_duplicates else None for i in range(len(blocks))]
+        map_tasks(index_task, range(len(blocks)), kwargs={"root": root, "buckets": buckets},
+                  per_item={i: {"shards": blocks[i], "out": files[i]} for i in range(len(blocks))}, desc="index",
+                  memory=memory, on_result=lambda _, c: counts.update(c))
+        if not with_duplicates:
+            return counts, ExactDuplicates(*(np.zeros(0, np.int64),) * 4, [])
+        found = map_tasks(bucket_task, range(buckets), kwargs={"policy": policy, "parts": files}, desc="exact",
+                          memory=memory)  # O(duplicates): the dropped rows come to the driver anyway
+    groups = [found[i] for i in range(buckets)]
     return counts, ExactDuplicates(
         np.concatenate([g.shard for g in groups]), np.concatenate([g.row for g in groups]),
         np.concatenate([g.keep_shard for g in groups]), np.concatenate([g.keep_row for g in groups]),

@@ -15,12 +15,15 @@ memory hint; nothing was recorded yet, so a re-run redoes the phase.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Hashable, Iterable
 
 from webcurate.shards.errors import USER_ERRORS, RunError
 
+# Runs of shards per task for passes whose output goes to one scratch file per task: enough runs to balance the
+# CPUs, few enough files for the next pass to read; a run has at most MAX_BLOCK_SHARDS parts (~10k rows each).
+BLOCKS_PER_CPU = 4
+MAX_BLOCK_SHARDS = 64
 # Transient I/O is retried inside Ray; a node that dies is retried by Ray itself.
 RETRYABLE = (OSError, ConnectionError, TimeoutError)
 MAX_RETRIES = 3
@@ -169,6 +172,15 @@ def _computed(refs: dict[Hashable, Any], desc: str) -> None:
             bar.update(len(ready))
     finally:
         bar.close()
+
+
+def shard_blocks(shards: list[int]) -> list[list[int]]:
+    """Shards in consecutive runs: ``BLOCKS_PER_CPU`` per cluster CPU, at most ``MAX_BLOCK_SHARDS`` each."""
+    from webcurate.shards.ray_runtime import cluster_cpus, init_ray
+
+    init_ray()  # may be the stage's first Ray call
+    per = max(1, min(MAX_BLOCK_SHARDS, -(-len(shards) // max(1, BLOCKS_PER_CPU * int(cluster_cpus())))))
+    return [shards[i:i + per] for i in range(0, len(shards), per)]
 
 
 def get(refs: Any) -> Any:

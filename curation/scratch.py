@@ -54,14 +54,27 @@ class Scratch:
         self.close()
 
 
-def _column(a: np.ndarray):
+def _column(a: np.ndarray, value_type=None):
     import pyarrow as pa
 
     a = np.ascontiguousarray(a)
     if a.ndim == 1:
-        return pa.array(a)
+        return pa.array(a, type=value_type)
     width = int(np.prod(a.shape[1:]))
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), type=value_type), width)
+
+
+def _value_types(batches: list[dict[str, np.ndarray]]) -> dict:
+    """Per column, the Arrow value type of its first non-empty batch (an empty object column alone says
+    nothing: it would come out as ``null`` and differ from the other batches' strings)."""
+    import pyarrow as pa
+
+    types: dict = {}
+    for b in batches:
+        for k, v in b.items():
+            if k not in types and len(v):
+                types[k] = pa.array(np.ascontiguousarray(v).reshape(-1)[:1]).type
+    return types
 
 
 def _array(col) -> np.ndarray:
@@ -80,7 +93,9 @@ def write_batches(uri: str, batches: list[dict[str, np.ndarray]]) -> int:
     """
     import pyarrow as pa
 
-    tables = [pa.RecordBatch.from_arrays([_column(v) for v in b.values()], names=list(b)) for b in batches]
+    types = _value_types(batches)
+    tables = [pa.RecordBatch.from_arrays([_column(v, types.get(k)) for k, v in b.items()], names=list(b))
+              for b in batches]
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, tables[0].schema) as writer:
         for t in tables:

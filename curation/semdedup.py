@@ -176,16 +176,17 @@ def semdedup_tasks(plan: PartPlan, *, eps: float, n_clusters: int | None, seed: 
     """SemDeDup over the plan's parts: ``((dropped gid, kept gid, kept key, sim), info)``."""
     live = plan.total - sum(len(v) for v in plan.exclude.values())
     kc = max(1, min(n_clusters or math.ceil(live / 1000), max(live, 1)))
-    read = {"root": plan.root, "dim": plan.dim, "plan_args": {s: plan.part_args(s) for s in plan.shards}}
+    read = {"root": plan.root, "dim": plan.dim}
     budget_rows = max(1024, memory // (4 * 4 * max(plan.dim, 1)))
     blocks = producer_blocks(plan, budget_rows)
     nb = len(blocks)
+    per_block = plan.block_items(blocks)
     found: list[tuple] = []
     with scratch.Scratch(plan.root, "semdedup") as tmp:
         sample_uri = [tmp.file("sample", f"{b:06d}.arrow") for b in range(nb)]
         assigned_uri = [tmp.file("assigned", f"{b:06d}.arrow") for b in range(nb)]
         map_tasks(sample_task, range(nb), kwargs={**read, "rate": min(1.0, budget_rows / max(live, 1)), "seed": seed},
-                  per_item={b: {"shards": blocks[b], "out": sample_uri[b]} for b in range(nb)}, desc="sample",
+                  per_item={b: {**per_block[b], "out": sample_uri[b]} for b in range(nb)}, desc="sample",
                   memory=memory, on_result=lambda *_: None)
         centroids = map_tasks(train_task, [0], kwargs={"samples": sample_uri, "k": kc, "seed": seed, "gpu": gpus > 0},
                               desc="k-means", memory=memory, gpus=gpus)[0]
@@ -196,7 +197,7 @@ def semdedup_tasks(plan: PartPlan, *, eps: float, n_clusters: int | None, seed: 
             sizes[:] += r
 
         map_tasks(assign_task, range(nb), kwargs={**read, "centroids": centroids},
-                  per_item={b: {"shards": blocks[b], "out": assigned_uri[b]} for b in range(nb)}, desc="assign",
+                  per_item={b: {**per_block[b], "out": assigned_uri[b]} for b in range(nb)}, desc="assign",
                   memory=memory, on_result=add)
         cluster_group = _pack(sizes, budget_rows)
         groups = int(cluster_group.max()) + 1 if len(cluster_group) else 1
@@ -204,7 +205,7 @@ def semdedup_tasks(plan: PartPlan, *, eps: float, n_clusters: int | None, seed: 
             split_uri = [tmp.file(f"wave{w}", f"{b:06d}.arrow") for b in range(nb)]
             map_tasks(emit_task, range(nb), kwargs={**read, "cluster_group": cluster_group, "groups": wave,
                                                     "policy": policy},
-                      per_item={b: {"shards": blocks[b], "assigned": assigned_uri[b], "out": split_uri[b]}
+                      per_item={b: {**per_block[b], "assigned": assigned_uri[b], "out": split_uri[b]}
                                 for b in range(nb)}, desc="split by cluster", memory=memory, on_result=lambda *_: None)
             map_tasks(group_task, wave, kwargs={"buckets": split_uri, "eps": eps, "policy": policy},
                       per_item={g: {"j": j} for j, g in enumerate(wave)}, desc="semdedup", memory=memory,

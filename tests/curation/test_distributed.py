@@ -77,6 +77,31 @@ def test_ivf_groups_probing_every_cell_equal_exact_search_and_defaults_keep_reca
     assert set(found.items()) <= set(_reference(x, keys, 16, 0.6).items()) | set(found.items())
 
 
+@pytest.mark.parametrize("method", ["copy", "semdedup"])
+def test_decisions_do_not_depend_on_how_parts_are_blocked_and_no_scratch_is_left(pool, tmp_path, monkeypatch,
+                                                                                method):
+    """One producer block or one per part: the same decision bytes; the scratch folder is gone after."""
+    import shutil
+
+    from webcurate.curation import dedup_graph, scratch
+    from webcurate.curation.dedup import run_dedup
+    from webcurate.shards import storage
+
+    root, *_ = pool
+    outs, blocks = [], []
+    for name, per_cpu in (("few", 1), ("many", 1000)):
+        monkeypatch.setattr(dedup_graph, "BLOCKS_PER_CPU", per_cpu)
+        d = str(tmp_path / name)
+        shutil.copytree(root, d)
+        res = run_dedup(d, method=method, k=8, threshold=0.6, index="ivf", n_clusters=12, resources=SMALL,
+                        summary=False)
+        blocks.append(res.info["blocks"])
+        outs.append([storage.read_bytes(Dataset(d).sidecar_uri("dedup", s)) for s in range(10)])
+        assert storage.list_dir(storage.join(d, scratch.SCRATCH_DIR)) == []
+    assert blocks[0] < blocks[1] == 10
+    assert outs[0] == outs[1]
+
+
 def test_a_rerun_writes_the_same_bytes(pool, tmp_path):
     import shutil
 
@@ -118,6 +143,10 @@ def test_cluster_trained_on_a_sample_refines_over_every_part(tmp_path):
     res = run_cluster(root, levels="600,30", resampling_steps=0, seed=0, resources=SMALL, summary=False)
     assert res.info["sampled"] < 12_000 and res.totals["clustered"] == 12_000
     assert [lv["k"] for lv in res.info["levels"]] == [600, 30] and res.info["levels"][0]["non_empty"] > 500
+    from webcurate.curation import scratch
+    from webcurate.shards import storage
+
+    assert storage.list_dir(storage.join(root, scratch.SCRATCH_DIR)) == [], "the sample files are removed"
 
 
 @pytest.mark.parametrize("strategy", ["closest", "random"])
