@@ -78,10 +78,22 @@ def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None, 
     load0 = os.getloadavg()[0]
     secs = sh([WEBCURATE, "train", "--data", data, "--output", out, *recipe, *budget, *a.override],
               os.path.join(a.workdir, "train.log"))
-    info = {"seconds": round(secs, 1), "steps": steps or a.steps, "load_start": round(load0, 1), "load_end": round(os.getloadavg()[0], 1),
-            "backbone": os.path.join(out, "backbone.safetensors")}
+    info = {"seconds": round(secs, 1), **trained_steps(out), "load_start": round(load0, 1),
+            "load_end": round(os.getloadavg()[0], 1), "backbone": os.path.join(out, "backbone.safetensors")}
     json.dump(info, open(stamp, "w"))
     return info
+
+
+def trained_steps(out: str) -> dict:
+    """Steps, epochs and median s/step the run actually made (its per-step metrics), not what was asked."""
+    import glob
+
+    rows = [json.loads(line) for f in sorted(glob.glob(os.path.join(out, "metrics", "*.jsonl"))) for line in open(f)]
+    if not rows:
+        return {"steps": 0}
+    secs = sorted(r["step_seconds"] for r in rows)
+    return {"steps": rows[-1]["step"], "epochs": rows[-1]["epoch"] + 1, "s_per_step": round(secs[len(secs) // 2], 3),
+            "step_seconds_total": round(sum(secs), 1)}
 
 
 def evaluate(backbone: str, paths: dict[str, str], out: str, a: argparse.Namespace) -> dict:
@@ -325,7 +337,7 @@ def main() -> None:
 def table(r: dict) -> str:
     """The results as a markdown table (one row per arm)."""
     head = ("| subset | images | target-class | distinct target photos | off-target | reposts | junk | eval copies "
-            "| duplicates | k-NN top-1 | linear top-1 | train s (load) |\n|---|" + "---:|" * 11)
+            "| duplicates | k-NN top-1 | linear top-1 | steps (s/step) | train s (load) |\n|---|" + "---:|" * 12)
     rows = [head]
     base = r["arms"].get("random", {}).get("knn")
     for arm, v in r["arms"].items():
@@ -334,6 +346,7 @@ def table(r: dict) -> str:
         rows.append(f"| {arm} | {m['total']} | {m['target_class_samples']} | {m['target_photos']} | "
                     f"{m.get('offtarget', 0)} | {m.get('repost', 0)} | {m.get('junk', 0)} | {m.get('contaminated', 0)} "
                     f"| {m['duplicates']} | {v['knn'] * 100:.1f}{delta} | {v['linear'] * 100:.1f} | "
+                    f"{v['train']['steps']} ({v['train'].get('s_per_step', '?')}) | "
                     f"{v['train']['seconds']:.0f} ({v['train']['load_start']}-{v['train']['load_end']}) |")
     for arm, v in r["arms"].items():
         for stage, st in (v.get("stages") or {}).items():
