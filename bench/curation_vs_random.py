@@ -72,7 +72,8 @@ def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None, 
     if os.path.exists(stamp):
         return json.load(open(stamp))
     shutil.rmtree(out, ignore_errors=True)
-    budget = budget or a.time_budget
+    if steps is None:
+        budget = budget or a.time_budget
     budget = ["--time-budget", budget] if budget else ["--max-steps", str(steps or a.steps)]
     recipe = [] if a.recipe == "cpu-default" else ["--config", a.train_config, *RECIPE]
     load0 = os.getloadavg()[0]
@@ -268,6 +269,9 @@ def main() -> None:
     ap.add_argument("--pool-time-budget", default=None,
                     help="train the curation backbone on the pool for this long (default: --time-budget)")
     ap.add_argument("--time-budget", default=None, help="train each backbone for this long instead (e.g. 5m)")
+    ap.add_argument("--equal-steps", action="store_true",
+                    help="with --time-budget: only the first arm trains by time; every other arm makes the steps "
+                         "it made (a VM whose speed drifts otherwise gives the arms different step counts)")
     ap.add_argument("--recipe", choices=["dino-vit", "cpu-default"], default="dino-vit",
                     help="dino-vit: --train-config with run 2's settings of bench/results/train.md; cpu-default: "
                          "no config, the trainer's own CPU recipe")
@@ -324,7 +328,9 @@ def main() -> None:
         subset = run_arm(arm, base, paths, pool_bb["backbone"], a)
         mix = web_pool.mix(subset, spec.targets)
         log(f"arm {arm}: {mix}; training")
-        tr = train(subset, os.path.join(a.workdir, "arms", arm, "backbone"), a)
+        first = next(iter(results["arms"].values()), None)
+        steps = first["train"]["steps"] if a.equal_steps and first else None
+        tr = train(subset, os.path.join(a.workdir, "arms", arm, "backbone"), a, steps)
         acc = evaluate(tr["backbone"], paths, os.path.join(a.workdir, "arms", arm), a)
         results["arms"][arm] = {"mix": mix, "train": tr, "stages": stage_stats(arm, spec.targets, a), **acc}
         log(f"arm {arm}: k-NN {acc['knn']:.4f}, linear {acc['linear']:.4f}")
@@ -351,6 +357,10 @@ def table(r: dict) -> str:
     for arm, v in r["arms"].items():
         for stage, st in (v.get("stages") or {}).items():
             rows.append(f"\n{arm} / {stage}: {json.dumps(st)}")
+    steps = [v["train"]["steps"] for v in r["arms"].values() if v["train"].get("steps")]
+    if steps and max(steps) > 1.1 * min(steps):
+        rows.append(f"\nwarning: the arms made {min(steps)}-{max(steps)} steps (more than 10 % apart): the "
+                    "comparison mixes the data's effect with the machine's speed; --equal-steps fixes the count")
     cb = r["curation_backbone"]
     rows.append(f"\ncuration backbone (trained on the whole pool): k-NN {cb['knn'] * 100:.1f}, "
                 f"linear {cb['linear'] * 100:.1f}")
