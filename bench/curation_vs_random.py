@@ -72,8 +72,8 @@ def train(data: str, out: str, a: argparse.Namespace, steps: int | None = None, 
     if os.path.exists(stamp):
         return json.load(open(stamp))
     shutil.rmtree(out, ignore_errors=True)
-    if steps is None:
-        budget = budget or a.time_budget
+    if budget is None and steps is None:
+        budget = a.time_budget
     budget = ["--time-budget", budget] if budget else ["--max-steps", str(steps or a.steps)]
     recipe = [] if a.recipe == "cpu-default" else ["--config", a.train_config, *RECIPE]
     load0 = os.getloadavg()[0]
@@ -270,8 +270,8 @@ def main() -> None:
                     help="train the curation backbone on the pool for this long (default: --time-budget)")
     ap.add_argument("--time-budget", default=None, help="train each backbone for this long instead (e.g. 5m)")
     ap.add_argument("--equal-steps", action="store_true",
-                    help="with --time-budget: only the first arm trains by time; every other arm makes the steps "
-                         "it made (a VM whose speed drifts otherwise gives the arms different step counts)")
+                    help="with --time-budget: only the first arm trains by time; every other arm makes the first arm's "
+                         "step count (a VM whose speed drifts otherwise gives the arms different step counts)")
     ap.add_argument("--recipe", choices=["dino-vit", "cpu-default"], default="dino-vit",
                     help="dino-vit: --train-config with run 2's settings of bench/results/train.md; cpu-default: "
                          "no config, the trainer's own CPU recipe")
